@@ -1,0 +1,116 @@
+"""The one settings object for every process (server, worker, launcher).
+
+Values come from the environment and from a `.env` file in the working directory; the field
+name in upper case is the variable name (`SESSION_TTL_SECONDS`, `MODEL_BACKEND`, ...).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+ModelBackendName = Literal["local", "huggingface", "openai"]
+HfApiForm = Literal["chat", "text-generation"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- HTTP server -------------------------------------------------------------------------
+    server_host: str = "127.0.0.1"
+    server_port: int = 3500
+    server_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    cors_origins: list[str] = Field(default_factory=list)
+    client_dir: Path | None = Field(
+        default=None,
+        description="static page to serve at /; default: client/dist, else client/basic",
+    )
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="chat", pattern=r"^[A-Za-z0-9_.-]+$")
+    embedded_redis_port: int = 6379
+    redis_data_dir: Path = PROJECT_ROOT / ".data" / "redis"
+    redis_server_bin: Path | None = None
+    redisjson_module: Path | None = None
+    stream_maxlen: int = Field(default=100_000, ge=1000)
+
+    # --- Sessions and messages ---------------------------------------------------------------
+    session_ttl_seconds: int = Field(default=3600, ge=1)
+    max_name_chars: int = 100
+    max_message_chars: int = Field(default=4000, ge=1)
+    history_messages: int = Field(default=4, ge=1)
+
+    # --- Worker ------------------------------------------------------------------------------
+    worker_concurrency: int = Field(default=8, ge=1, description="generations in flight per worker")
+    worker_lease_seconds: float = Field(
+        default=15.0, gt=0.2, description="session lock lease and idle time before reclaiming"
+    )
+    worker_block_ms: int = Field(default=1000, ge=10)
+    worker_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    run_workers: int = Field(default=1, ge=0, description="worker processes started by `make run`")
+
+    # --- Model -------------------------------------------------------------------------------
+    model_backend: ModelBackendName = "local"
+    model_timeout_seconds: float = Field(default=60.0, gt=0)
+    model_max_new_tokens: int = Field(default=256, ge=1)
+    model_temperature: float = Field(default=0.7, ge=0)
+    model_max_retries: int = Field(default=4, ge=0)
+    system_prompt: str = "You are a helpful, concise assistant."
+
+    local_model_path: Path | None = None
+    local_context_tokens: int = 2048
+    local_threads: int | None = None
+
+    hf_token: SecretStr | None = None
+    hf_model: str = "HuggingFaceTB/SmolLM3-3B"
+    hf_api: HfApiForm = "chat"
+    hf_router_url: str = "https://router.huggingface.co"
+    model_url: str | None = None
+
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str = "default"
+
+    # --- Logging -----------------------------------------------------------------------------
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @property
+    def hf_endpoint(self) -> str:
+        """Where the Hugging Face backend sends requests.
+
+        `MODEL_URL` wins (a dedicated Inference Endpoint or a TGI server). Otherwise the router:
+        its OpenAI-compatible base URL for the chat form, the hf-inference model URL for the
+        text-generation form.
+        """
+        if self.model_url:
+            return self.model_url.rstrip("/")
+        router = self.hf_router_url.rstrip("/")
+        if self.hf_api == "chat":
+            return f"{router}/v1"
+        return f"{router}/hf-inference/models/{self.hf_model}"
+
+    @property
+    def resolved_client_dir(self) -> Path:
+        if self.client_dir is not None:
+            return self.client_dir
+        built = PROJECT_ROOT / "client" / "dist"
+        return built if (built / "index.html").is_file() else PROJECT_ROOT / "client" / "basic"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,49 @@
+"""Every Redis key, stream, group and channel name, in one place for server and worker.
+
+All names start with `KEY_PREFIX` so several deployments (or test runs) can share one Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "chat"
+
+    @property
+    def requests(self) -> str:
+        """The stream of human messages waiting for a reply."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def group(self) -> str:
+        """The consumer group every worker joins."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def control(self) -> str:
+        """Pub/Sub channel from servers to workers (stop requests)."""
+        return f"{self.prefix}:control"
+
+    @property
+    def probe(self) -> str:
+        """Scratch key used by readiness checks."""
+        return f"{self.prefix}:probe"
+
+    def session(self, token: str) -> str:
+        """The RedisJSON document holding a session and its messages."""
+        return f"{self.prefix}:session:{token}"
+
+    def events(self, token: str) -> str:
+        """Pub/Sub channel carrying a session's events to the servers holding its sockets."""
+        return f"{self.prefix}:events:{token}"
+
+    def lock(self, token: str) -> str:
+        """Lease held by the worker generating for a session (per-session order)."""
+        return f"{self.prefix}:lock:{token}"
+
+    def stop(self, token: str) -> str:
+        """Time (epoch ms) of the session's latest stop request."""
+        return f"{self.prefix}:stop:{token}"

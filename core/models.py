@@ -1,0 +1,139 @@
+"""The data on the wire and in Redis: sessions, messages and socket events.
+
+`docs/protocol.md` describes these shapes for clients; this module is their single definition.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_uuid4(value: str) -> bool:
+    """True for a canonical UUID4 string, the only form tokens and message ids take."""
+    try:
+        parsed = uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return parsed.version == 4 and str(parsed) == value
+
+
+def short(token: str) -> str:
+    """A token as it may appear in logs: never in full."""
+    return f"{token[:8]}…"
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_ERROR = "model_error"
+    TIMEOUT = "timeout"
+    SESSION_EXPIRED = "session_expired"
+
+
+class Source(StrEnum):
+    HUMAN = "human"
+    BOT = "bot"
+
+
+class ReplyError(BaseModel):
+    code: ErrorCode
+    detail: str
+
+
+class Message(BaseModel):
+    """One message in a session document."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(default_factory=new_id)
+    source: Source
+    msg: str
+    timestamp: datetime = Field(default_factory=utcnow)
+    reply_to: str | None = None
+    # A bot reply cut short by a stop request keeps its partial text and says so.
+    stopped: bool | None = None
+    # A reply that failed is stored too, so every message gets exactly one answer in history.
+    error: ReplyError | None = None
+
+    @property
+    def is_human(self) -> bool:
+        return self.source is Source.HUMAN
+
+
+class Session(BaseModel):
+    """A chat session: the RedisJSON document behind a token."""
+
+    token: str
+    name: str
+    session_start: datetime
+    messages: list[Message] = Field(default_factory=list)
+
+
+# --- Server -> client events -----------------------------------------------------------------
+
+
+class AckEvent(BaseModel):
+    type: Literal["ack"] = "ack"
+    id: str
+    msg: str
+    timestamp: datetime
+
+
+class TokenEvent(BaseModel):
+    type: Literal["token"] = "token"
+    id: str
+    reply_to: str
+    delta: str
+
+
+class MessageEvent(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    reply_to: str
+    source: Literal["bot"] = "bot"
+    msg: str
+    timestamp: datetime
+    stopped: bool | None = None
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    reply_to: str | None = None
+    code: ErrorCode
+    detail: str
+
+
+Event = Annotated[AckEvent | TokenEvent | MessageEvent | ErrorEvent, Field(discriminator="type")]
+
+
+def dump_event(event: AckEvent | TokenEvent | MessageEvent | ErrorEvent) -> str:
+    return event.model_dump_json(exclude_none=True)
+
+
+def reply_event(reply: Message) -> MessageEvent | ErrorEvent:
+    """The event announcing a stored bot reply (or the error stored in its place)."""
+    assert reply.reply_to is not None
+    if reply.error is not None:
+        return ErrorEvent(reply_to=reply.reply_to, code=reply.error.code, detail=reply.error.detail)
+    return MessageEvent(
+        id=reply.id,
+        reply_to=reply.reply_to,
+        msg=reply.msg,
+        timestamp=reply.timestamp,
+        stopped=reply.stopped,
+    )

@@ -1,0 +1,73 @@
+"""Creating the asyncio Redis client and checking that the server can serve us."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from core.config import Settings
+from core.keys import Keys
+
+
+def create_redis(settings: Settings) -> Redis:
+    """One client (one connection pool) per process; the caller closes it with `aclose()`.
+
+    Commands are retried with backoff across short outages, so a Redis restart is survived
+    without the callers noticing more than latency.
+    """
+    return Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=15,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+    )
+
+
+def load_script(name: str) -> str:
+    return resources.files("core").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+async def ensure_group(redis: Redis, keys: Keys) -> None:
+    """Create the request stream and its consumer group if missing.
+
+    The group starts at id 0, so messages queued before any worker ever ran are answered.
+    """
+    try:
+        await redis.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
+    """None when Redis answers and JSON and Streams work; else what is wrong, in words."""
+    try:
+        await redis.ping()
+        pipe = redis.pipeline(transaction=False)
+        pipe.json().set(keys.probe, "$", {"ok": True})
+        pipe.expire(keys.probe, 60)
+        pipe.json().get(keys.probe, "$.ok")
+        pipe.xadd(f"{keys.probe}:stream", {"ok": "1"}, maxlen=1)
+        pipe.expire(f"{keys.probe}:stream", 60)
+        _, _, probe, _, _ = await pipe.execute()
+    except ResponseError as exc:
+        text = str(exc)
+        if "unknown command" in text.lower() and "json" in text.lower():
+            return "Redis has no JSON support (load the RedisJSON module or use Redis 8)"
+        return f"Redis error: {text}"
+    except RedisError as exc:
+        return f"Redis unavailable: {exc}"
+    except OSError as exc:
+        return f"Redis unavailable: {exc}"
+    if probe != [True]:
+        return "Redis JSON answered unexpectedly"
+    return None

@@ -1,0 +1,143 @@
+"""The session store: every read and write of session documents, streams and events.
+
+Server and worker both go through this class, so the document shape, the atomic scripts and
+the key names live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from redis.asyncio import Redis
+
+from core.config import Settings
+from core.keys import Keys
+from core.models import (
+    AckEvent,
+    ErrorEvent,
+    Message,
+    MessageEvent,
+    Session,
+    Source,
+    TokenEvent,
+    dump_event,
+    is_uuid4,
+    new_id,
+    utcnow,
+)
+from core.redis import load_script
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyOutcome(Enum):
+    STORED = 1
+    ALREADY_ANSWERED = 0
+    LOCK_LOST = -1
+    SESSION_GONE = -2
+
+
+class SessionStore:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self._ttl = settings.session_ttl_seconds
+        self._maxlen = settings.stream_maxlen
+        self._add_human = redis.register_script(load_script("add_human_message.lua"))
+        self._add_reply = redis.register_script(load_script("add_reply.lua"))
+
+    # --- Sessions ----------------------------------------------------------------------------
+
+    async def create(self, name: str) -> Session:
+        session = Session(token=new_id(), name=name, session_start=utcnow())
+        key = self.keys.session(session.token)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.json().set(key, "$", session.model_dump(mode="json"))
+            pipe.expire(key, self._ttl)
+            await pipe.execute()
+        return session
+
+    async def get(self, token: str) -> Session | None:
+        """The whole session, renewing its TTL (reading it means the user is active)."""
+        if not is_uuid4(token):
+            return None
+        key = self.keys.session(token)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.json().get(key)
+            pipe.expire(key, self._ttl)
+            document, _ = await pipe.execute()
+        return None if document is None else Session.model_validate(document)
+
+    async def touch(self, token: str) -> bool:
+        """Renew the TTL; False when the session does not exist."""
+        return is_uuid4(token) and bool(
+            await self.redis.expire(self.keys.session(token), self._ttl)
+        )
+
+    async def messages(self, token: str) -> list[Message] | None:
+        result: Any = await self.redis.json().get(self.keys.session(token), "$.messages")
+        if not result:
+            return None
+        return [Message.model_validate(m) for m in result[0]]
+
+    # --- Messages ----------------------------------------------------------------------------
+
+    async def add_human_message(self, token: str, text: str) -> Message | None:
+        """Store the message, queue it for a worker and announce it: one atomic step.
+
+        Returns None when the session has expired.
+        """
+        message = Message(source=Source.HUMAN, msg=text)
+        ack = AckEvent(id=message.id, msg=message.msg, timestamp=message.timestamp)
+        entry = await self._add_human(
+            keys=[self.keys.session(token), self.keys.requests],
+            args=[
+                message.model_dump_json(exclude_none=True),
+                self._ttl,
+                self._maxlen,
+                token,
+                message.id,
+                self.keys.events(token),
+                dump_event(ack),
+            ],
+        )
+        return message if entry else None
+
+    async def add_reply(
+        self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lock_owner: str
+    ) -> ReplyOutcome:
+        """Append a bot reply unless one exists already, and only while holding the lock."""
+        assert reply.reply_to is not None and is_uuid4(reply.reply_to)
+        result = await self._add_reply(
+            keys=[self.keys.session(token), self.keys.lock(token)],
+            args=[
+                lock_owner,
+                reply.reply_to,
+                reply.model_dump_json(exclude_none=True),
+                self._ttl,
+                self.keys.events(token),
+                dump_event(event),
+            ],
+        )
+        return ReplyOutcome(int(result))
+
+    async def publish_token(self, token: str, event: TokenEvent) -> None:
+        await self.redis.publish(self.keys.events(token), dump_event(event))
+
+    # --- Stop requests -----------------------------------------------------------------------
+
+    async def request_stop(self, token: str) -> None:
+        """Ask whichever worker generates for this session to stop; remembered for late starters."""
+        now_ms = int(utcnow().timestamp() * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.stop(token), now_ms, ex=self._ttl)
+            pipe.publish(self.keys.control, json.dumps({"type": "stop", "token": token}))
+            await pipe.execute()
+
+    async def stop_requested_at(self, token: str) -> datetime | None:
+        value = await self.redis.get(self.keys.stop(token))
+        return None if value is None else datetime.fromtimestamp(int(value) / 1000, UTC)

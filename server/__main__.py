@@ -1,0 +1,32 @@
+"""`python -m server`: run the API with uvicorn, as configured by the settings."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from core.config import get_settings
+from core.logs import configure_logging
+
+# Frames larger than this are refused by uvicorn with close code 1009 before we parse them;
+# anything between MAX_MESSAGE_CHARS and this gets a `too_large` error event instead.
+WS_MAX_FRAME_BYTES = 1024 * 1024
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "server.main:create_app",
+        factory=True,
+        host=settings.server_host,
+        port=settings.server_port,
+        workers=settings.server_workers,
+        ws_max_size=WS_MAX_FRAME_BYTES,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The chat socket: messages in, events out.
+
+Every frame the server sends goes through the socket's `Subscription` queue and one sender
+task, so frames from Redis and the server's own error replies never interleave mid-send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
+from redis.exceptions import RedisError
+
+from core.models import ErrorCode, ErrorEvent, dump_event, short
+from core.store import SessionStore
+from server.api.deps import HubDep, SettingsDep, StoreDep
+from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
+from server.hub import CloseSocket, Subscription, SubscriptionOverflow
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["chat"])
+
+SESSION_REFUSED = "Session not authenticated or expired token"
+BINARY_REFUSED = "Binary frames are not supported: send the message as a text frame"
+_CLOSING = object()
+
+
+@router.websocket("/chat")
+async def chat(
+    websocket: WebSocket,
+    store: StoreDep,
+    hub: HubDep,
+    settings: SettingsDep,
+    token: str | None = None,
+) -> None:
+    if token is None or not await store.touch(token):
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
+        return
+    await websocket.accept()
+    logger.info("socket opened for session %s", short(token))
+    async with hub.subscribe(token) as outbox:
+        sender = asyncio.create_task(_send_events(websocket, outbox))
+        receiver = asyncio.create_task(
+            _receive_frames(websocket, token, store, outbox, settings.max_message_chars)
+        )
+        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if _returned(receiver, _CLOSING):
+            # The server is closing: let the sender deliver what is queued, then the close.
+            await asyncio.wait({sender}, timeout=5)
+        for task in (sender, receiver):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
+                await task
+    logger.info("socket closed for session %s", short(token))
+
+
+async def _send_events(websocket: WebSocket, outbox: Subscription) -> None:
+    try:
+        while True:
+            frame = await outbox.get()
+            if isinstance(frame, CloseSocket):
+                await websocket.close(code=frame.code, reason=frame.reason)
+                return
+            await websocket.send_text(frame)
+    except SubscriptionOverflow:
+        logger.warning("socket too slow for its events; closing it (the client resyncs)")
+        await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER, reason="Too slow; reconnect")
+
+
+async def _receive_frames(
+    websocket: WebSocket, token: str, store: SessionStore, outbox: Subscription, max_chars: int
+) -> object:
+    """Handle the client's frames until it disconnects (None) or the server closes (_CLOSING)."""
+
+    def reply_error(code: ErrorCode, detail: str) -> None:
+        outbox.put(dump_event(ErrorEvent(code=code, detail=detail)))
+
+    while True:
+        frame = await websocket.receive()
+        if frame["type"] == "websocket.disconnect":
+            return None
+        text = frame.get("text")
+        if text is None:
+            reply_error(ErrorCode.BAD_REQUEST, BINARY_REFUSED)
+            continue
+        match parse_frame(text, max_chars):
+            case FrameError(code, detail):
+                reply_error(code, detail)
+            case StopGeneration():
+                await store.request_stop(token)
+            case ChatMessage(message_text):
+                try:
+                    stored = await store.add_human_message(token, message_text)
+                except RedisError:
+                    logger.exception("could not queue a message for session %s", short(token))
+                    reply_error(ErrorCode.MODEL_UNAVAILABLE, "The service is unavailable; retry")
+                    continue
+                if stored is None:
+                    reply_error(ErrorCode.SESSION_EXPIRED, "Session expired or does not exist")
+                    outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
+                    return _CLOSING
+                # The ack reaches every socket of the session through Pub/Sub, in order with
+                # the reply events that follow it.
+
+
+def _returned(task: asyncio.Task[object], value: object) -> bool:
+    return (
+        task.done() and not task.cancelled() and task.exception() is None and task.result() is value
+    )

@@ -1,0 +1,32 @@
+"""Liveness and readiness, and the tutorial's `/test`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from core.keys import Keys
+from core.redis import readiness_problem
+from server.api.deps import RedisDep, SettingsDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/test")
+async def test() -> dict[str, str]:
+    return {"msg": "API is Online"}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """200 while the process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis is not usable; the reason"}})
+async def readyz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
+    """200 when Redis answers and JSON and Streams work, else 503 with the reason."""
+    problem = await readiness_problem(redis, Keys(settings.key_prefix))
+    if problem is not None:
+        return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
+    return JSONResponse({"status": "ready"})

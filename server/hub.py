@@ -1,0 +1,140 @@
+"""Fan-out of session events from Redis Pub/Sub to the sockets of this server process.
+
+One Pub/Sub connection per process, however many sockets: a channel per session is subscribed
+while at least one socket of that session is open here. Workers publish to the channel and
+every server holding a socket of the session receives the event; nobody consumes or deletes
+it, so several servers never take events from one another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from core.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+
+class SubscriptionOverflow(Exception):
+    """The socket did not keep up with its events."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSocket:
+    """Queued after the last frame: the sender closes the socket once it has sent the rest."""
+
+    code: int
+    reason: str
+
+
+class Subscription:
+    """The outgoing frames of one socket: events from Redis and the server's own replies."""
+
+    def __init__(self, max_pending: int) -> None:
+        self._queue: asyncio.Queue[str | CloseSocket] = asyncio.Queue(max_pending)
+        self.overflowed = False
+
+    def put(self, frame: str | CloseSocket) -> None:
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def get(self) -> str | CloseSocket:
+        if self.overflowed:
+            raise SubscriptionOverflow
+        return await self._queue.get()
+
+
+class EventHub:
+    def __init__(self, redis: Redis, keys: Keys, max_pending: int = 10_000) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._max_pending = max_pending
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._lock = asyncio.Lock()
+        self._closing = False
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        # A standing subscription opens the connection now, so startup fails fast if Redis is
+        # unreachable and the reader always has a connection to read.
+        await self._pubsub.subscribe(f"{self._keys.prefix}:servers")
+        self._reader = asyncio.create_task(self._read_loop(), name="event-hub-reader")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @property
+    def channels(self) -> int:
+        return len(self._subscribers)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, token: str) -> AsyncIterator[Subscription]:
+        """Receive the session's events for as long as the context is open."""
+        assert self._pubsub is not None, "EventHub.start() was not called"
+        channel = self._keys.events(token)
+        subscription = Subscription(self._max_pending)
+        async with self._lock:
+            members = self._subscribers.setdefault(channel, set())
+            members.add(subscription)
+            confirmation = self._confirmations.get(channel)
+            if len(members) == 1:
+                confirmation = asyncio.get_running_loop().create_future()
+                self._confirmations[channel] = confirmation
+                await self._pubsub.subscribe(channel)
+        try:
+            if confirmation is not None:
+                # Events published before Redis confirms would be missed: wait for it.
+                await asyncio.wait_for(asyncio.shield(confirmation), timeout=10)
+            yield subscription
+        finally:
+            async with self._lock:
+                members.discard(subscription)
+                if not members and self._subscribers.get(channel) is members:
+                    del self._subscribers[channel]
+                    self._confirmations.pop(channel, None)
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.unsubscribe(channel)
+
+    async def _read_loop(self) -> None:
+        assert self._pubsub is not None
+        failures = 0
+        # Checked each second: redis-py's get_message can swallow a cancellation.
+        while not self._closing:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay = min(0.1 * 2**failures, 5.0)
+                logger.warning("Pub/Sub connection lost (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"]
+            if kind == "message":
+                for subscription in tuple(self._subscribers.get(channel, ())):
+                    subscription.put(message["data"])
+            elif kind == "subscribe":
+                confirmation = self._confirmations.get(channel)
+                if confirmation is not None and not confirmation.done():
+                    confirmation.set_result(None)

@@ -1,0 +1,65 @@
+"""The ASGI application: `create_app()` is the factory uvicorn runs (`--factory`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from core.config import Settings, get_settings
+from core.keys import Keys
+from core.logs import configure_logging
+from core.redis import create_redis, ensure_group
+from core.store import SessionStore
+from server.api.main import api_router
+from server.hub import EventHub
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    redis = create_redis(settings)
+    hub = EventHub(redis, Keys(settings.key_prefix))
+    try:
+        await ensure_group(redis, Keys(settings.key_prefix))
+        await hub.start()
+        app.state.redis = redis
+        app.state.store = SessionStore(redis, settings)
+        app.state.hub = hub
+        logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
+        yield
+    finally:
+        await hub.aclose()
+        await redis.aclose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="Redis chat service",
+        summary="Chat sessions over a WebSocket, answered by model workers through Redis.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    app.include_router(api_router)
+    client_dir = settings.resolved_client_dir
+    if client_dir.is_dir():
+        app.mount("/", StaticFiles(directory=client_dir, html=True), name="client")
+    else:
+        logger.warning("no client page at %s; serving the API only", client_dir)
+    return app

@@ -1,0 +1,1 @@
+"""The worker: consumes queued messages, asks a model, stores and publishes the replies."""

@@ -1,0 +1,28 @@
+"""`python -m worker`: run one worker until SIGTERM or Ctrl+C. Run as many as you like."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from core.config import Settings, get_settings
+from core.logs import configure_logging
+from worker.worker import Worker
+
+
+async def serve(settings: Settings) -> None:
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.request_stop)
+    await worker.run()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The tutorial's backend, brought up to date: the Hugging Face Inference API.
+
+Two forms, chosen by HF_API:
+- `chat` (default): the router's OpenAI-compatible chat completions (`/v1/chat/completions`),
+  the form most hosted LLMs are served in today; the history goes as user/assistant turns.
+- `text-generation`: the tutorial's form, `{"inputs": "Human: ...\\nBot:", "parameters": ...}`
+  against a model URL (the router's hf-inference address, a dedicated Inference Endpoint or a
+  TGI server), through `huggingface_hub.AsyncInferenceClient`. The reply is cut at the first
+  "Human:" as it streams.
+
+MODEL_URL overrides the address in both forms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+
+# Without this, huggingface_hub's first request makes a blocking look-up on the Hub from the
+# event loop thread (user-agent "agent detection"); we talk to the configured URL only.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import httpx2
+from huggingface_hub import AsyncInferenceClient
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
+
+from core.config import Settings
+from core.models import Message
+from core.prompt import HUMAN_TAG, StopSequenceFilter, build_prompt
+from worker.backends.base import (
+    ModelBackend,
+    TransientModelError,
+    http_failure,
+    stream_with_retries,
+)
+from worker.backends.openai_compat import ChatCompletionsBackend
+
+logger = logging.getLogger(__name__)
+
+
+def create_huggingface_backend(settings: Settings) -> ModelBackend:
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    if settings.hf_api == "chat":
+        return ChatCompletionsBackend(
+            settings, base_url=settings.hf_endpoint, api_key=token, model=settings.hf_model
+        )
+    return TextGenerationBackend(settings, url=settings.hf_endpoint, token=token)
+
+
+class TextGenerationBackend(ModelBackend):
+    def __init__(self, settings: Settings, *, url: str, token: str | None) -> None:
+        self._settings = settings
+        self._what = f"the model at {url}"
+        # A URL (never a bare model id) so the client talks to that address only, with no
+        # provider look-up on the Hub.
+        self._client = AsyncInferenceClient(
+            model=url, token=token, timeout=settings.model_timeout_seconds
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()  # type: ignore[no-untyped-call]
+
+    def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+        prompt = build_prompt(history)
+        return stream_with_retries(
+            lambda: self._attempt(prompt), self._settings.model_max_retries, self._what
+        )
+
+    async def _attempt(self, prompt: str) -> AsyncIterator[str]:
+        cut = StopSequenceFilter(HUMAN_TAG)
+        try:
+            stream = await self._client.text_generation(
+                prompt,
+                stream=True,
+                details=True,
+                max_new_tokens=self._settings.model_max_new_tokens,
+                temperature=self._settings.model_temperature or None,
+                do_sample=self._settings.model_temperature > 0,
+                return_full_text=False,
+                stop=[HUMAN_TAG],
+            )
+            async for output in stream:
+                if output.token.special:
+                    continue
+                piece = cut.feed(output.token.text)
+                if piece:
+                    yield piece
+                if cut.stopped:
+                    return
+            rest = cut.flush()
+            if rest:
+                yield rest
+        except HfHubHTTPError as exc:
+            response = exc.response
+            raise http_failure(response.status_code, _body(exc), response.headers) from exc
+        except InferenceTimeoutError as exc:
+            raise TransientModelError(f"timed out: {exc}") from exc
+        except (httpx2.TransportError, OSError) as exc:
+            raise TransientModelError(f"connection failed: {exc or type(exc).__name__}") from exc
+
+
+def _body(exc: HfHubHTTPError) -> object:
+    try:
+        return json.loads(exc.response.text)
+    except (ValueError, RuntimeError):
+        return exc.server_message or str(exc)

@@ -1,0 +1,64 @@
+"""Per-session leases: one worker at a time generates for a session, so replies stay in order.
+
+A lease is a Redis key holding its owner's id with an expiry. The worker renews the leases it
+holds; a worker that dies stops renewing, and its leases lapse after WORKER_LEASE_SECONDS.
+Replies are stored only by a script that checks the lease is still the writer's (a fence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from core.keys import Keys
+from core.models import new_id, short
+from core.redis import load_script
+
+logger = logging.getLogger(__name__)
+
+_FIRST_POLL = 0.02
+_MAX_POLL = 0.5
+
+
+@dataclass(eq=False)
+class SessionLease:
+    token: str
+    key: str
+    owner: str
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LeaseManager:
+    def __init__(self, redis: Redis, keys: Keys, consumer: str, lease_seconds: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._consumer = consumer
+        self._lease_ms = int(lease_seconds * 1000)
+        self._renew = redis.register_script(load_script("renew_lock.lua"))
+        self._release = redis.register_script(load_script("release_lock.lua"))
+        self.held: set[SessionLease] = set()
+
+    async def acquire(self, token: str) -> SessionLease:
+        """Wait until this worker holds the session's lease."""
+        lease = SessionLease(token, self._keys.lock(token), f"{self._consumer}:{new_id()}")
+        delay = _FIRST_POLL
+        while not await self._redis.set(lease.key, lease.owner, nx=True, px=self._lease_ms):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL)
+        self.held.add(lease)
+        return lease
+
+    async def release(self, lease: SessionLease) -> None:
+        self.held.discard(lease)
+        await self._release(keys=[lease.key], args=[lease.owner])
+
+    async def renew_all(self) -> None:
+        """Extend every held lease; a lease found taken over is flagged lost."""
+        for lease in tuple(self.held):
+            if not await self._renew(keys=[lease.key], args=[lease.owner, self._lease_ms]):
+                logger.warning("lease on session %s was lost", short(lease.token))
+                lease.lost.set()
+                self.held.discard(lease)

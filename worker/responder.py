@@ -1,0 +1,161 @@
+"""Answering one session's queued messages, in order, while holding its lease."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from core.config import Settings
+from core.models import (
+    ErrorCode,
+    Message,
+    ReplyError,
+    Source,
+    TokenEvent,
+    new_id,
+    reply_event,
+    short,
+    utcnow,
+)
+from core.prompt import conversation_until, unanswered
+from core.store import ReplyOutcome, SessionStore
+from worker.backends import ModelBackend, ModelFailure
+from worker.leases import SessionLease
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another worker took the session over; this one must not store anything for it."""
+
+
+class Responder:
+    def __init__(self, store: SessionStore, backend: ModelBackend, settings: Settings) -> None:
+        self._store = store
+        self._backend = backend
+        self._settings = settings
+        #: Stop signals of the generations running now, by session token.
+        self.stop_signals: dict[str, asyncio.Event] = {}
+
+    def request_stop(self, token: str) -> None:
+        signal = self.stop_signals.get(token)
+        if signal is not None:
+            signal.set()
+
+    async def answer_through(self, token: str, message_id: str, lease: SessionLease) -> None:
+        """Answer the session's unanswered messages up to and including `message_id`.
+
+        Oldest first: if an earlier message is still unanswered (its worker died and it has not
+        been reclaimed yet), it is answered before this one, so the prompt always holds the
+        previous reply. Messages already answered are left alone (exactly once).
+        """
+        while True:
+            messages = await self._store.messages(token)
+            if messages is None:
+                logger.info("session %s is gone; nothing to answer", short(token))
+                return
+            position = {m.id: i for i, m in enumerate(messages)}
+            if message_id not in position:
+                logger.warning("message %s is not in session %s", message_id, short(token))
+                return
+            due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
+            if not due:
+                return
+            await self._answer(token, messages, due[0], lease)
+
+    async def _answer(
+        self, token: str, messages: Sequence[Message], human: Message, lease: SessionLease
+    ) -> None:
+        history = conversation_until(messages, human.id)[-self._settings.history_messages :]
+        reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=human.id)
+        parts: list[str] = []
+        stop = asyncio.Event()
+        stopped_at = await self._store.stop_requested_at(token)
+        if stopped_at is not None and stopped_at >= human.timestamp:
+            stop.set()  # stopped before generation started
+        self.stop_signals[token] = stop
+        try:
+            outcome = await self._generate(token, reply, history, parts, stop, lease)
+        finally:
+            self.stop_signals.pop(token, None)
+        if outcome == "lease_lost":
+            raise LeaseLost(token)
+        reply.msg = "".join(parts).strip()
+        reply.timestamp = utcnow()
+        if isinstance(outcome, ReplyError):
+            reply.error = outcome
+        elif outcome == "stopped":
+            reply.stopped = True
+        elif not reply.msg:
+            reply.error = ReplyError(
+                code=ErrorCode.MODEL_ERROR, detail="The model gave an empty reply"
+            )
+        stored = await self._store.add_reply(token, reply, reply_event(reply), lease.owner)
+        if stored is ReplyOutcome.LOCK_LOST:
+            raise LeaseLost(token)
+        if stored is not ReplyOutcome.STORED:
+            logger.info("reply to %s not stored: %s", human.id, stored.name)
+
+    async def _generate(
+        self,
+        token: str,
+        reply: Message,
+        history: Sequence[Message],
+        parts: list[str],
+        stop: asyncio.Event,
+        lease: SessionLease,
+    ) -> str | ReplyError:
+        """Stream the model's reply into `parts` and to the session's sockets.
+
+        Returns "done", "stopped", "lease_lost", or the error to store as the reply.
+        """
+        if stop.is_set():
+            return "stopped"
+        assert reply.reply_to is not None
+        reply_to = reply.reply_to
+
+        async def stream() -> None:
+            async for delta in self._backend.stream_reply(history):
+                parts.append(delta)
+                event = TokenEvent(id=reply.id, reply_to=reply_to, delta=delta)
+                await self._store.publish_token(token, event)
+
+        generation = asyncio.create_task(stream())
+        stopped = asyncio.create_task(stop.wait())
+        lost = asyncio.create_task(lease.lost.wait())
+        timeout = self._settings.model_timeout_seconds
+        try:
+            await asyncio.wait(
+                {generation, stopped, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (generation, stopped, lost):
+                task.cancel()
+            for task in (stopped, lost):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if lease.lost.is_set():
+            await _settle(generation)
+            return "lease_lost"
+        if not generation.done():
+            await _settle(generation)
+            if stop.is_set():
+                return "stopped"
+            return ReplyError(
+                code=ErrorCode.TIMEOUT, detail=f"The model did not finish within {timeout:g} s"
+            )
+        await _settle(generation)
+        exc = None if generation.cancelled() else generation.exception()
+        if exc is None:
+            return "stopped" if stop.is_set() else "done"
+        if isinstance(exc, ModelFailure):
+            logger.warning("session %s: %s", short(token), exc.detail)
+            return ReplyError(code=exc.code, detail=exc.detail)
+        raise exc
+
+
+async def _settle(task: asyncio.Task[None]) -> None:
+    """Wait for a (possibly cancelled) task to end, leaving its exception on the task."""
+    await asyncio.wait({task})
