@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -130,32 +129,23 @@ class Responder:
             await asyncio.wait(
                 {generation, stopped, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
+            finished = generation.done()
         finally:
             for task in (generation, stopped, lost):
                 task.cancel()
-            for task in (stopped, lost):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.wait({generation, stopped, lost})
         if lease.lost.is_set():
-            await _settle(generation)
             return "lease_lost"
-        if not generation.done():
-            await _settle(generation)
-            if stop.is_set():
-                return "stopped"
+        if stop.is_set():
+            return "stopped"
+        if not finished:
             return ReplyError(
                 code=ErrorCode.TIMEOUT, detail=f"The model did not finish within {timeout:g} s"
             )
-        await _settle(generation)
-        exc = None if generation.cancelled() else generation.exception()
+        exc = generation.exception()
         if exc is None:
-            return "stopped" if stop.is_set() else "done"
+            return "done"
         if isinstance(exc, ModelFailure):
             logger.warning("session %s: %s", short(token), exc.detail)
             return ReplyError(code=exc.code, detail=exc.detail)
         raise exc
-
-
-async def _settle(task: asyncio.Task[None]) -> None:
-    """Wait for a (possibly cancelled) task to end, leaving its exception on the task."""
-    await asyncio.wait({task})

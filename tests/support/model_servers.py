@@ -14,8 +14,9 @@ Hugging Face text generation (TGI form)
     answers (``"stream": true`` or the ``/generate_stream`` route) are server-sent events, one
     ``data: {json}`` per token, then one special ``</s>`` token whose event also carries the
     full ``generated_text``. ``parameters.stop`` is honoured (the reply is cut before the first
-    stop string) and ``parameters.return_full_text: true`` prefixes the prompt to
-    ``generated_text``. ``max_new_tokens`` and the sampling parameters are only recorded.
+    stop string, unless :attr:`ModelServerBehaviour.ignore_stop` is set) and
+    ``parameters.return_full_text: true`` prefixes the prompt to ``generated_text``.
+    ``max_new_tokens`` and the sampling parameters are only recorded.
 
 OpenAI-compatible chat completions
     ``POST /v1/chat/completions`` and ``POST /chat/completions`` (so a ``base_url`` with or
@@ -206,6 +207,10 @@ class ModelServerBehaviour:
 
     reply_override: str | None = None
     """Reply with this text instead of the echo (stop strings still apply)."""
+
+    ignore_stop: bool = False
+    """Ignore the request's stop strings (both protocols), like a server that does not support
+    them: the whole reply is sent, so the client's own cut can be tested."""
 
     require_token: str | None = None
     """When set, generation and model-list requests need ``Authorization: Bearer <token>``;
@@ -711,7 +716,8 @@ class ModelServer:
 
         override = self.behaviour.reply_override
         reply = override if override is not None else hf_echo_reply(inputs)
-        reply = apply_stop(reply, _stop_list(parameters.get("stop")))
+        if not self.behaviour.ignore_stop:
+            reply = apply_stop(reply, _stop_list(parameters.get("stop")))
         pieces = split_pieces(reply)
         full_text = inputs + reply if parameters.get("return_full_text") is True else reply
         want_details = parameters.get("details") is True
@@ -803,7 +809,8 @@ class ModelServer:
 
         override = self.behaviour.reply_override
         reply = override if override is not None else chat_echo_reply(messages)
-        reply = apply_stop(reply, _stop_list(body.get("stop")))
+        if not self.behaviour.ignore_stop:
+            reply = apply_stop(reply, _stop_list(body.get("stop")))
         pieces = split_pieces(reply)
         completion_id = f"chatcmpl-{next(self._ids)}"
         created = int(time.time())

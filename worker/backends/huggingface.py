@@ -24,13 +24,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import httpx2
 from huggingface_hub import AsyncInferenceClient
-from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError
 
 from core.config import Settings
 from core.models import Message
 from core.prompt import HUMAN_TAG, StopSequenceFilter, build_prompt
 from worker.backends.base import (
     ModelBackend,
+    ModelError,
     TransientModelError,
     http_failure,
     stream_with_retries,
@@ -93,12 +94,23 @@ class TextGenerationBackend(ModelBackend):
             if rest:
                 yield rest
         except HfHubHTTPError as exc:
-            response = exc.response
-            raise http_failure(response.status_code, _body(exc), response.headers) from exc
+            raise _http_failure(exc) from exc
+        except TextGenerationError as exc:
+            # A TGI error body with an `error_type` ("overloaded", "validation", ...) comes as
+            # one of these instead, with the HTTP error as its cause; without one it was an
+            # error event in the stream.
+            if isinstance(exc.__cause__, HfHubHTTPError):
+                raise _http_failure(exc.__cause__) from exc
+            raise ModelError(f"The model failed: {exc}") from exc
         except InferenceTimeoutError as exc:
             raise TransientModelError(f"timed out: {exc}") from exc
         except (httpx2.TransportError, OSError) as exc:
             raise TransientModelError(f"connection failed: {exc or type(exc).__name__}") from exc
+
+
+def _http_failure(exc: HfHubHTTPError) -> Exception:
+    response = exc.response
+    return http_failure(response.status_code, _body(exc), response.headers)
 
 
 def _body(exc: HfHubHTTPError) -> object:

@@ -38,9 +38,11 @@ async def chat(
     if token is None or not await store.touch(token):
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
         return
-    await websocket.accept()
-    logger.info("socket opened for session %s", short(token))
+    # Subscribed before the handshake completes: a client whose socket is open receives every
+    # event of its session from then on (a second tab included).
     async with hub.subscribe(token) as outbox:
+        await websocket.accept()
+        logger.info("socket opened for session %s", short(token))
         sender = asyncio.create_task(_send_events(websocket, outbox))
         receiver = asyncio.create_task(
             _receive_frames(websocket, token, store, outbox, settings.max_message_chars)

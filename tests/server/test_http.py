@@ -1,0 +1,155 @@
+"""The HTTP endpoints, served for real by uvicorn against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from core.config import Settings
+from core.models import new_id
+from launcher.redis_server import EmbeddedRedis, free_port
+from server.main import create_app
+from tests.conftest import make_settings
+from tests.support.asgi_server import InProcessServer
+from tests.support.stack import Stack
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        yield http
+
+
+async def test_tutorial_test_endpoint(client: httpx.AsyncClient) -> None:
+    response = await client.get("/test")
+    assert response.status_code == 200
+    assert response.json() == {"msg": "API is Online"}
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+
+
+async def test_readiness_reports_redis_down(tmp_path: Path) -> None:
+    # The app starts against a live Redis, which then goes away.
+    with EmbeddedRedis(free_port(), tmp_path) as doomed:
+        async with (
+            InProcessServer(create_app(make_settings(doomed.url))) as served,
+            httpx.AsyncClient(base_url=served.url) as http,
+        ):
+            assert (await http.get("/readyz")).status_code == 200
+            doomed.kill()
+            response = await http.get("/readyz")
+            assert (await http.get("/healthz")).status_code == 200
+    assert response.status_code == 503
+    assert "unavailable" in response.json()["detail"].lower()
+
+
+async def test_token_creates_a_session(
+    client: httpx.AsyncClient, redis: Redis, stack_settings: Settings
+) -> None:
+    response = await client.post("/token", params={"name": "  Ann  "})
+    assert response.status_code == 200
+    session = response.json()
+    assert set(session) == {"token", "name", "session_start", "messages"}
+    assert session["name"] == "Ann"
+    assert session["messages"] == []
+    assert datetime.fromisoformat(session["session_start"]).utcoffset() is not None
+    key = f"{stack_settings.key_prefix}:session:{session['token']}"
+    ttl = await redis.ttl(key)
+    assert stack_settings.session_ttl_seconds - 5 < ttl <= stack_settings.session_ttl_seconds
+
+
+@pytest.mark.parametrize("name", ["", "   ", "\t\n"])
+async def test_blank_name_is_refused(client: httpx.AsyncClient, name: str) -> None:
+    response = await client.post("/token", params={"name": name})
+    assert response.status_code == 400
+    assert response.json() == {"detail": {"loc": "name", "msg": "Enter a valid name"}}
+
+
+async def test_missing_name_is_a_validation_error(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/token")).status_code == 422
+
+
+async def test_name_length_limit(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/token", params={"name": "x" * 100})).status_code == 200
+    response = await client.post("/token", params={"name": "x" * 101})
+    assert response.status_code == 400
+    assert response.json()["detail"]["loc"] == "name"
+    assert "100" in response.json()["detail"]["msg"]
+
+
+@pytest.mark.parametrize("name", ["Zoë", "李雷", "🙂 smile", "O'Brien <b>"])
+async def test_unicode_names_round_trip(client: httpx.AsyncClient, name: str) -> None:
+    token = (await client.post("/token", params={"name": name})).json()["token"]
+    session = (await client.get("/refresh_token", params={"token": token})).json()
+    assert session["name"] == name
+
+
+async def test_refresh_token_returns_the_history(stack: Stack, client: httpx.AsyncClient) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat:
+        await chat.send("hi")
+        await chat.until("message")
+    response = await client.get("/refresh_token", params={"token": token})
+    assert response.status_code == 200
+    session = response.json()
+    assert session["token"] == token
+    assert [(m["source"], m["msg"]) for m in session["messages"]] == [
+        ("human", "hi"),
+        ("bot", "echo: hi"),
+    ]
+    fields = {"id", "source", "msg", "timestamp", "reply_to"}
+    assert all(set(m) <= fields for m in session["messages"])
+
+
+@pytest.mark.parametrize("token", [new_id(), "not-a-token", "*", "chat:session:x"])
+async def test_refresh_unknown_token(client: httpx.AsyncClient, token: str) -> None:
+    response = await client.get("/refresh_token", params={"token": token})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Session expired or does not exist"}
+
+
+async def test_refresh_missing_token_is_a_validation_error(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/refresh_token")).status_code == 422
+
+
+async def test_session_expires_after_its_ttl(redis_url: str) -> None:
+    settings = make_settings(redis_url, session_ttl_seconds=1)
+    async with (
+        InProcessServer(create_app(settings)) as served,
+        httpx.AsyncClient(base_url=served.url) as http,
+    ):
+        token = (await http.post("/token", params={"name": "Ann"})).json()["token"]
+        assert (await http.get("/refresh_token", params={"token": token})).status_code == 200
+        await asyncio.sleep(1.5)
+        response = await http.get("/refresh_token", params={"token": token})
+    assert response.status_code == 400
+
+
+async def test_activity_renews_the_ttl(
+    stack: Stack, redis: Redis, stack_settings: Settings
+) -> None:
+    token = await stack.new_session()
+    key = f"{stack_settings.key_prefix}:session:{token}"
+    await redis.expire(key, 5)
+    async with stack.socket(token) as chat:
+        await redis.expire(key, 5)
+        await chat.send("keep me alive")
+        await chat.until("message")
+    assert await redis.ttl(key) > stack_settings.session_ttl_seconds - 10
+
+
+async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    assert "text/html" in response.headers["content-type"]
+    assert "/chat" in response.text

@@ -1,0 +1,191 @@
+"""The worker against a real Redis: exactly once, in order, failures answered, clean stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from core.config import Settings
+from core.redis import ensure_group
+from core.store import SessionStore
+from launcher.redis_server import free_port
+from tests.conftest import make_settings
+from tests.support.model_servers import Hang, HttpError, ModelServer
+from tests.support.stack import running_stack
+from worker.worker import Worker
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await task
+
+
+async def wait_for_replies(store: SessionStore, token: str, count: int, timeout: float = 15) -> Any:
+    async with asyncio.timeout(timeout):
+        while True:
+            messages = await store.messages(token) or []
+            if sum(not m.is_human for m in messages) >= count:
+                return messages
+            await asyncio.sleep(0.05)
+
+
+async def pending_count(redis: Redis, settings: Settings) -> int:
+    summary: Any = await redis.xpending(
+        f"{settings.key_prefix}:requests", f"{settings.key_prefix}:workers"
+    )
+    return int(summary["pending"])
+
+
+async def strand_with_dead_worker(
+    redis: Redis, store: SessionStore, token: str, lease_ms: int
+) -> None:
+    """Make the queued entries look taken by a worker that then died holding the session."""
+    await ensure_group(redis, store.keys)
+    await redis.xreadgroup(store.keys.group, "dead-worker", {store.keys.requests: ">"})
+    await redis.set(store.keys.lock(token), "dead-worker:lease", px=lease_ms)
+
+
+@pytest.fixture
+def worker_settings(redis_url: str, model_server: ModelServer) -> Settings:
+    return make_settings(redis_url, openai_base_url=model_server.openai_base_url)
+
+
+@pytest.fixture
+def worker_store(redis: Redis, worker_settings: Settings) -> SessionStore:
+    return SessionStore(redis, worker_settings)
+
+
+async def test_entry_of_a_dead_worker_is_reclaimed_and_answered_once(
+    redis: Redis, worker_store: SessionStore, worker_settings: Settings
+) -> None:
+    session = await worker_store.create("Ann")
+    await worker_store.add_human_message(session.token, "lost in a crash?")
+    await strand_with_dead_worker(redis, worker_store, session.token, lease_ms=1500)
+    async with running_worker(worker_settings):
+        messages = await wait_for_replies(worker_store, session.token, 1)
+        await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
+        messages = await worker_store.messages(session.token)
+    assert [m.msg for m in messages] == ["lost in a crash?", "echo: lost in a crash?"]
+    assert await pending_count(redis, worker_settings) == 0
+
+
+async def test_a_stranded_earlier_message_is_answered_before_a_later_one(
+    redis: Redis, worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer
+) -> None:
+    session = await worker_store.create("Ann")
+    await worker_store.add_human_message(session.token, "first")
+    await strand_with_dead_worker(redis, worker_store, session.token, lease_ms=1000)
+    await worker_store.add_human_message(session.token, "second")
+    async with running_worker(worker_settings):
+        messages = await wait_for_replies(worker_store, session.token, 2)
+    assert [m.msg for m in messages] == ["first", "second", "echo: first", "echo: second"]
+    # The second prompt holds the first exchange: the order the conversation happened in.
+    last_prompt = [t["content"] for t in model_server.requests[-1]["messages"][1:]]
+    assert last_prompt == ["first", "echo: first", "second"]
+
+
+async def test_message_to_an_expired_session_is_dropped(
+    redis: Redis, worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer
+) -> None:
+    session = await worker_store.create("Ann")
+    await worker_store.add_human_message(session.token, "hello")
+    await redis.delete(worker_store.keys.session(session.token))
+    await ensure_group(redis, worker_store.keys)
+    queued: Any = await redis.xrevrange(worker_store.keys.requests, count=1)
+    async with running_worker(worker_settings):
+        async with asyncio.timeout(10):
+            while True:
+                group: Any = (await redis.xinfo_groups(worker_store.keys.requests))[0]
+                if group["last-delivered-id"] == queued[0][0] and group["pending"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+    assert model_server.requests == []
+    assert await redis.exists(worker_store.keys.session(session.token)) == 0
+
+
+async def test_stop_lets_a_generation_in_progress_finish(
+    worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.05
+    session = await worker_store.create("Ann")
+    async with running_worker(worker_settings) as worker:
+        await worker_store.add_human_message(session.token, "one two three four five")
+        while not model_server.requests:
+            await asyncio.sleep(0.01)
+        worker.request_stop()
+    messages = await worker_store.messages(session.token)
+    assert messages is not None and messages[-1].msg == "echo: one two three four five"
+
+
+async def test_stop_past_the_grace_period_hands_the_message_back(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.3
+    settings = make_settings(
+        redis_url,
+        openai_base_url=model_server.openai_base_url,
+        worker_shutdown_grace_seconds=0.2,
+        worker_lease_seconds=3.0,
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    async with running_worker(settings):
+        await store.add_human_message(session.token, "a b c d e f")
+        while not model_server.requests:
+            await asyncio.sleep(0.01)
+    assert await store.messages(session.token) is not None
+    assert await pending_count(redis, settings) == 1
+    model_server.behaviour.token_delay = 0
+    started = asyncio.get_running_loop().time()
+    async with running_worker(settings):
+        messages = await wait_for_replies(store, session.token, 1)
+    # Handed back as long idle: taken at the next reclaim pass, not after a whole lease.
+    assert asyncio.get_running_loop().time() - started < 3.0
+    assert [m.msg for m in messages] == ["a b c d e f", "echo: a b c d e f"]
+
+
+async def test_model_down_ends_in_a_model_unavailable_error(redis_url: str) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    settings = make_settings(redis_url, openai_base_url=closed, model_max_retries=1)
+    async with running_stack(settings) as stack:
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            await chat.send("anyone?")
+            error = await chat.until("error")
+            history = await stack.history(token)
+    assert error["code"] == "model_unavailable"
+    assert error["reply_to"] == history["messages"][0]["id"]
+    assert history["messages"][1]["error"]["code"] == "model_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [(HttpError(401, "Invalid credentials"), "model_error"), (Hang(5), "timeout")],
+)
+async def test_model_failures_become_error_events_and_the_worker_goes_on(
+    redis_url: str, model_server: ModelServer, fault: Any, code: str
+) -> None:
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, model_timeout_seconds=1.0
+    )
+    model_server.behaviour.script = [fault]
+    async with running_stack(settings) as stack:
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            await chat.send("first")
+            error = await chat.until("error")
+            await chat.send("second")
+            reply = await chat.until("message")
+    assert (error["code"], bool(error["detail"])) == (code, True), error
+    assert reply["msg"] == "echo: second"
