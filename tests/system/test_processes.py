@@ -163,7 +163,7 @@ async def test_worker_killed_mid_generation_is_replaced_once(
         pending = await redis.xpending_range(
             f"{prefix}:requests", f"{prefix}:workers", min="-", max="+", count=10
         )
-        holders = {p["consumer"] for p in pending}
+        holders = {str(p["consumer"]) for p in pending}
         victim = next(w for w in workers if any(f"-{w.pid}-" in c for c in holders))
         victim.kill()
         events += await receive_until_finals(ws, 2, timeout=30)

@@ -73,9 +73,9 @@ async def test_entry_of_a_dead_worker_is_reclaimed_and_answered_once(
     await worker_store.add_human_message(session.token, "lost in a crash?")
     await strand_with_dead_worker(redis, worker_store, session.token, lease_ms=1500)
     async with running_worker(worker_settings):
-        messages = await wait_for_replies(worker_store, session.token, 1)
+        await wait_for_replies(worker_store, session.token, 1)
         await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
-        messages = await worker_store.messages(session.token)
+        messages = await worker_store.messages(session.token) or []
     assert [m.msg for m in messages] == ["lost in a crash?", "echo: lost in a crash?"]
     assert await pending_count(redis, worker_settings) == 0
 
