@@ -70,6 +70,14 @@ class Child:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def interrupt(self, timeout: float = 30.0) -> int:
+        """Ctrl+C: SIGINT, then wait for the process to exit by itself."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
     def stop(self, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
             self.process.terminate()

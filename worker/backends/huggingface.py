@@ -53,15 +53,21 @@ def create_huggingface_backend(settings: Settings) -> ModelBackend:
 class TextGenerationBackend(ModelBackend):
     def __init__(self, settings: Settings, *, url: str, token: str | None) -> None:
         self._settings = settings
+        self._url = url
+        self._token = token
         self._what = f"the model at {url}"
-        # A URL (never a bare model id) so the client talks to that address only, with no
-        # provider look-up on the Hub.
-        self._client = AsyncInferenceClient(
-            model=url, token=token, timeout=settings.model_timeout_seconds
-        )
 
-    async def aclose(self) -> None:
-        await self._client.close()  # type: ignore[no-untyped-call]
+    def _client(self) -> AsyncInferenceClient:
+        """A client for one request, closed when the reply ends.
+
+        AsyncInferenceClient keeps every streaming response it opened (request body included)
+        until it is closed, so one client for the worker's lifetime would grow without bound.
+        A URL (never a bare model id) makes it talk to that address only, with no provider
+        look-up on the Hub.
+        """
+        return AsyncInferenceClient(
+            model=self._url, token=self._token, timeout=self._settings.model_timeout_seconds
+        )
 
     def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
         prompt = build_prompt(history)
@@ -70,29 +76,10 @@ class TextGenerationBackend(ModelBackend):
         )
 
     async def _attempt(self, prompt: str) -> AsyncIterator[str]:
-        cut = StopSequenceFilter(HUMAN_TAG)
         try:
-            stream = await self._client.text_generation(
-                prompt,
-                stream=True,
-                details=True,
-                max_new_tokens=self._settings.model_max_new_tokens,
-                temperature=self._settings.model_temperature or None,
-                do_sample=self._settings.model_temperature > 0,
-                return_full_text=False,
-                stop=[HUMAN_TAG],
-            )
-            async for output in stream:
-                if output.token.special:
-                    continue
-                piece = cut.feed(output.token.text)
-                if piece:
+            async with self._client() as client:
+                async for piece in self._pieces(client, prompt):
                     yield piece
-                if cut.stopped:
-                    return
-            rest = cut.flush()
-            if rest:
-                yield rest
         except HfHubHTTPError as exc:
             raise _http_failure(exc) from exc
         except TextGenerationError as exc:
@@ -106,6 +93,31 @@ class TextGenerationBackend(ModelBackend):
             raise TransientModelError(f"timed out: {exc}") from exc
         except (httpx2.TransportError, OSError) as exc:
             raise TransientModelError(f"connection failed: {exc or type(exc).__name__}") from exc
+
+    async def _pieces(self, client: AsyncInferenceClient, prompt: str) -> AsyncIterator[str]:
+        """The reply's text, special tokens skipped, ending before any "Human:" line."""
+        cut = StopSequenceFilter(HUMAN_TAG)
+        stream = await client.text_generation(
+            prompt,
+            stream=True,
+            details=True,
+            max_new_tokens=self._settings.model_max_new_tokens,
+            temperature=self._settings.model_temperature or None,
+            do_sample=self._settings.model_temperature > 0,
+            return_full_text=False,
+            stop=[HUMAN_TAG],
+        )
+        async for output in stream:
+            if output.token.special:
+                continue
+            piece = cut.feed(output.token.text)
+            if piece:
+                yield piece
+            if cut.stopped:
+                return
+        rest = cut.flush()
+        if rest:
+            yield rest
 
 
 def _http_failure(exc: HfHubHTTPError) -> Exception:

@@ -1,0 +1,73 @@
+"""`python -m launcher` (what `make run` runs): the whole service from one command, as a
+tutorial reader would use it from Postman, with the default offline model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from launcher.redis_server import free_port
+from tests.support.processes import Child
+
+pytestmark = pytest.mark.slow
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_run_brings_up_everything_and_stops_cleanly(tmp_path: Path) -> None:
+    redis_port, server_port = free_port(), free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("REDIS_URL", "MODEL_BACKEND", "KEY_PREFIX")
+    }
+    env |= {
+        "EMBEDDED_REDIS_PORT": str(redis_port),
+        "SERVER_PORT": str(server_port),
+        "REDIS_DATA_DIR": str(tmp_path / "redis"),
+        "MODEL_MAX_NEW_TOKENS": "24",
+    }
+    run = Child("run", "launcher", env, tmp_path)
+    process = run.process
+    base = f"http://127.0.0.1:{server_port}"
+    try:
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(base_url=base) as http:
+            while True:
+                assert process.poll() is None, run.log()
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the service did not come up"
+                await asyncio.sleep(0.2)
+            assert (await http.get("/test")).json() == {"msg": "API is Online"}
+            token = (await http.post("/token", params={"name": "Postman"})).json()["token"]
+            async with websockets.connect(f"ws://127.0.0.1:{server_port}/chat?token={token}") as ws:
+                await ws.send("Hi! Can you tell me a fun fact?")
+                events: list[dict[str, str]] = []
+                while not events or events[-1]["type"] not in ("message", "error"):
+                    events.append(json.loads(await ws.recv()))
+            history = (await http.get("/refresh_token", params={"token": token})).json()
+        assert events[0]["type"] == "ack"
+        assert events[-1]["type"] == "message" and events[-1]["msg"]
+        assert [m["source"] for m in history["messages"]] == ["human", "bot"]
+    finally:
+        status = await asyncio.to_thread(run.interrupt)
+    output = run.log()
+    assert status == 0, output
+    assert "stopped" in output
+    assert not port_open(redis_port) and not port_open(server_port)
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()
