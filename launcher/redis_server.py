@@ -58,6 +58,11 @@ def find_redisjson(configured: Path | None = None) -> Path:
     )
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -109,6 +114,11 @@ class EmbeddedRedis:
         return command
 
     def start(self, timeout: float = 15.0) -> None:
+        if self._answers_ping() or not _port_free(self.port):
+            raise EmbeddedRedisError(
+                f"Port {self.port} is already in use: set EMBEDDED_REDIS_PORT to a free port, "
+                "or REDIS_URL to use the Redis that is running there"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from core.config import Settings
 from core.redis import create_redis, readiness_problem
 from core.store import SessionStore
-from launcher.redis_server import EmbeddedRedis, free_port
+from launcher.redis_server import EmbeddedRedis, EmbeddedRedisError, free_port
 from tests.conftest import make_settings
 
 
@@ -52,3 +54,10 @@ async def test_password_url(tmp_path: Path) -> None:
         redis = create_redis(make_settings(server.url))
         assert await redis.ping()
         await redis.aclose()
+
+
+def test_a_busy_port_is_reported_clearly(tmp_path: Path) -> None:
+    with EmbeddedRedis(free_port(), tmp_path / "a") as first:
+        second = EmbeddedRedis(first.port, tmp_path / "b")
+        with pytest.raises(EmbeddedRedisError, match="already in use"):
+            second.start()
