@@ -92,6 +92,9 @@ class AckEvent(BaseModel):
     id: str
     msg: str
     timestamp: datetime
+    # Echoed from a `{"type": "message", "client_id": ...}` command, so a client can match the
+    # ack to the message it sent.
+    client_id: str | None = None
 
 
 class TokenEvent(BaseModel):

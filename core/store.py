@@ -86,13 +86,17 @@ class SessionStore:
 
     # --- Messages ----------------------------------------------------------------------------
 
-    async def add_human_message(self, token: str, text: str) -> Message | None:
+    async def add_human_message(
+        self, token: str, text: str, client_id: str | None = None
+    ) -> Message | None:
         """Store the message, queue it for a worker and announce it: one atomic step.
 
         Returns None when the session has expired.
         """
         message = Message(source=Source.HUMAN, msg=text)
-        ack = AckEvent(id=message.id, msg=message.msg, timestamp=message.timestamp)
+        ack = AckEvent(
+            id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
+        )
         entry = await self._add_human(
             keys=[self.keys.session(token), self.keys.requests],
             args=[

@@ -17,9 +17,13 @@ _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
 KNOWN_COMMANDS = ("message", "stop")
 
 
+MAX_CLIENT_ID_CHARS = 100
+
+
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     text: str
+    client_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +59,22 @@ def _parse_command(command: dict[str, object], max_chars: int) -> Frame:
     if kind == "stop":
         return StopGeneration()
     if kind == "message":
-        msg = command.get("msg")
+        msg, client_id = command.get("msg"), command.get("client_id")
         if not isinstance(msg, str):
             return FrameError(ErrorCode.BAD_REQUEST, 'A "message" command needs a string "msg"')
-        return _chat_message(msg, max_chars)
+        if client_id is not None and not (
+            isinstance(client_id, str) and 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
+        ):
+            return FrameError(
+                ErrorCode.BAD_REQUEST,
+                f'"client_id" must be a string of 1 to {MAX_CLIENT_ID_CHARS} characters',
+            )
+        return _chat_message(msg, max_chars, client_id)
     known = ", ".join(KNOWN_COMMANDS)
     return FrameError(ErrorCode.BAD_REQUEST, f"Unknown command type {kind!r}; known: {known}")
 
 
-def _chat_message(text: str, max_chars: int) -> Frame:
+def _chat_message(text: str, max_chars: int, client_id: str | None = None) -> Frame:
     text = text.strip()
     if not text:
         return FrameError(ErrorCode.BAD_REQUEST, "Message is empty")
@@ -72,4 +83,4 @@ def _chat_message(text: str, max_chars: int) -> Frame:
             ErrorCode.TOO_LARGE,
             f"Message is {len(text)} characters long; the limit is {max_chars}",
         )
-    return ChatMessage(text)
+    return ChatMessage(text, client_id)

@@ -38,6 +38,18 @@ async def test_plain_text_gets_ack_tokens_and_final_message(stack: Stack) -> Non
     assert history["messages"][1]["reply_to"] == ack["id"]
 
 
+async def test_ack_echoes_the_client_id_to_every_tab(stack: Stack) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as tab1, stack.socket(token) as tab2:
+        await tab1.send('{"type": "message", "msg": "tagged", "client_id": "bubble-7"}')
+        ack1, ack2 = await tab1.until("ack"), await tab2.until("ack")
+        await tab1.send("untagged")
+        plain = await tab1.until("ack")
+    assert ack1 == ack2
+    assert ack1["client_id"] == "bubble-7" and ack1["msg"] == "tagged"
+    assert "client_id" not in plain
+
+
 async def test_json_message_command_and_order_of_replies(stack: Stack) -> None:
     token = await stack.new_session()
     async with stack.socket(token) as chat:

@@ -16,6 +16,7 @@ LIMIT = 20
         ("hello", ChatMessage("hello")),
         ("  padded  \n", ChatMessage("padded")),
         ('{"type": "message", "msg": "hi"}', ChatMessage("hi")),
+        ('{"type": "message", "msg": "hi", "client_id": "c1"}', ChatMessage("hi", "c1")),
         ('{"type": "stop"}', StopGeneration()),
         ('  {"type":"stop"}  ', StopGeneration()),
         # JSON that is not a command is just text someone typed.
@@ -39,6 +40,8 @@ def test_accepted_frames(frame: str, expected: object) -> None:
         ('{"type": "message", "msg": 5}', ErrorCode.BAD_REQUEST, "string"),
         ('{"type": "message"}', ErrorCode.BAD_REQUEST, "string"),
         ('{"type": "dance"}', ErrorCode.BAD_REQUEST, "Unknown command type 'dance'"),
+        ('{"type": "message", "msg": "hi", "client_id": 7}', ErrorCode.BAD_REQUEST, "client_id"),
+        ('{"type": "message", "msg": "hi", "client_id": ""}', ErrorCode.BAD_REQUEST, "client_id"),
         ('{"type": "stop", ', ErrorCode.BAD_REQUEST, "Malformed JSON command"),
         ('{"type": "message", "msg": "x" * 99}', ErrorCode.BAD_REQUEST, "Malformed"),
     ],

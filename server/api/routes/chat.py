@@ -92,9 +92,9 @@ async def _receive_frames(
                 reply_error(code, detail)
             case StopGeneration():
                 await store.request_stop(token)
-            case ChatMessage(message_text):
+            case ChatMessage(message_text, client_id):
                 try:
-                    stored = await store.add_human_message(token, message_text)
+                    stored = await store.add_human_message(token, message_text, client_id)
                 except RedisError:
                     logger.exception("could not queue a message for session %s", short(token))
                     reply_error(ErrorCode.MODEL_UNAVAILABLE, "The service is unavailable; retry")
