@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     )
     worker_block_ms: int = Field(default=1000, ge=10)
     worker_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    worker_max_deliveries: int = Field(
+        default=5, ge=1, description="attempts before a message that kills workers is failed"
+    )
     run_workers: int = Field(default=1, ge=0, description="worker processes started by `make run`")
 
     # --- Model -------------------------------------------------------------------------------

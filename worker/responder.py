@@ -43,12 +43,17 @@ class Responder:
         if signal is not None:
             signal.set()
 
-    async def answer_through(self, token: str, message_id: str, lease: SessionLease) -> None:
+    async def answer_through(
+        self, token: str, message_id: str, lease: SessionLease, poisoned: bool = False
+    ) -> None:
         """Answer the session's unanswered messages up to and including `message_id`.
 
         Oldest first: if an earlier message is still unanswered (its worker died and it has not
         been reclaimed yet), it is answered before this one, so the prompt always holds the
         previous reply. Messages already answered are left alone (exactly once).
+
+        `poisoned`: this message was taken from dead workers too many times; it gets an error
+        reply instead of one more attempt that may kill this worker too.
         """
         while True:
             messages = await self._store.messages(token)
@@ -62,7 +67,24 @@ class Responder:
             due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
             if not due:
                 return
+            if poisoned and due[0].id == message_id:
+                await self._give_up(token, due[0], lease)
+                return
             await self._answer(token, messages, due[0], lease)
+
+    async def _give_up(self, token: str, human: Message, lease: SessionLease) -> None:
+        logger.error("giving up on message %s of session %s", human.id, short(token))
+        detail = (
+            f"This message could not be answered: workers stopped while answering it "
+            f"{self._settings.worker_max_deliveries} times"
+        )
+        reply = Message(
+            source=Source.BOT,
+            msg="",
+            reply_to=human.id,
+            error=ReplyError(code=ErrorCode.MODEL_ERROR, detail=detail),
+        )
+        await self._store_reply(token, reply, lease)
 
     async def _answer(
         self, token: str, messages: Sequence[Message], human: Message, lease: SessionLease
@@ -91,11 +113,14 @@ class Responder:
             reply.error = ReplyError(
                 code=ErrorCode.MODEL_ERROR, detail="The model gave an empty reply"
             )
+        await self._store_reply(token, reply, lease)
+
+    async def _store_reply(self, token: str, reply: Message, lease: SessionLease) -> None:
         stored = await self._store.add_reply(token, reply, reply_event(reply), lease.owner)
         if stored is ReplyOutcome.LOCK_LOST:
             raise LeaseLost(token)
         if stored is not ReplyOutcome.STORED:
-            logger.info("reply to %s not stored: %s", human.id, stored.name)
+            logger.info("reply to %s not stored: %s", reply.reply_to, stored.name)
 
     async def _generate(
         self,

@@ -211,10 +211,36 @@ class Worker:
             )
             start, claimed = reply[0], reply[1]
             for entry_id, fields in claimed:
-                logger.info("reclaimed %s from a worker that stopped answering", entry_id)
-                self._dispatch(entry_id, fields)
+                deliveries = await self._deliveries(entry_id)
+                logger.info(
+                    "reclaimed %s from a worker that stopped answering (delivery %d)",
+                    entry_id,
+                    deliveries,
+                )
+                poisoned = deliveries > self.settings.worker_max_deliveries
+                self._dispatch(entry_id, fields, poisoned=poisoned)
             if start == "0-0":
-                return
+                break
+        await self._forget_dead_consumers()
+
+    async def _deliveries(self, entry_id: str) -> int:
+        assert self._redis is not None
+        pending: Any = await self._redis.xpending_range(
+            self.keys.requests, self.keys.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    async def _forget_dead_consumers(self) -> None:
+        """Drop consumers that hold nothing and have not been seen for a long time (workers
+        that were killed), so the group's consumer list does not grow forever."""
+        assert self._redis is not None
+        silent_for = self._lease_ms * 10
+        consumers: Any = await self._redis.xinfo_consumers(self.keys.requests, self.keys.group)
+        for consumer in consumers:
+            name = consumer["name"]
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > silent_for:
+                await self._redis.xgroup_delconsumer(self.keys.requests, self.keys.group, name)
+                logger.info("removed consumer %s, silent for %d s", name, consumer["idle"] // 1000)
 
     async def _heartbeat_once(self) -> None:
         assert self._redis is not None and self._leases is not None
@@ -258,10 +284,14 @@ class Worker:
 
     # --- Entries ---------------------------------------------------------------------------
 
-    def _dispatch(self, entry_id: str, fields: dict[str, str] | None) -> None:
+    def _dispatch(
+        self, entry_id: str, fields: dict[str, str] | None, *, poisoned: bool = False
+    ) -> None:
         if entry_id in self._entries:
             return
-        task = asyncio.create_task(self._handle(entry_id, fields or {}), name=f"entry-{entry_id}")
+        task = asyncio.create_task(
+            self._handle(entry_id, fields or {}, poisoned), name=f"entry-{entry_id}"
+        )
         self._entries[entry_id] = task
 
         def done(_: asyncio.Task[None]) -> None:
@@ -270,7 +300,7 @@ class Worker:
 
         task.add_done_callback(done)
 
-    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def _handle(self, entry_id: str, fields: dict[str, str], poisoned: bool) -> None:
         assert self._redis is not None and self._leases is not None and self._responder is not None
         token, message_id = fields.get("token", ""), fields.get("id", "")
         if not (is_uuid4(token) and is_uuid4(message_id)):
@@ -281,7 +311,7 @@ class Worker:
             lease = await self._leases.acquire(token)
             try:
                 async with self._slots:
-                    await self._responder.answer_through(token, message_id, lease)
+                    await self._responder.answer_through(token, message_id, lease, poisoned)
             finally:
                 await self._leases.release(lease)
             await self._redis.xack(self.keys.requests, self.keys.group, entry_id)

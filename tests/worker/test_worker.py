@@ -189,3 +189,40 @@ async def test_model_failures_become_error_events_and_the_worker_goes_on(
             reply = await chat.until("message")
     assert (error["code"], bool(error["detail"])) == (code, True), error
     assert reply["msg"] == "echo: second"
+
+
+async def test_a_message_that_keeps_killing_workers_gets_an_error_reply(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, worker_max_deliveries=2
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    await store.add_human_message(session.token, "the deadly question")
+    await ensure_group(redis, store.keys)
+    # Two workers took it and died (delivery count 2), leaving it pending and idle.
+    await redis.xreadgroup(store.keys.group, "dead-1", {store.keys.requests: ">"})
+    await redis.xautoclaim(store.keys.requests, store.keys.group, "dead-2", min_idle_time=0)
+    async with running_worker(settings):
+        messages = await wait_for_replies(store, session.token, 1)
+    assert model_server.requests == []
+    reply = messages[-1]
+    assert reply.error is not None and reply.error.code == "model_error"
+    assert "could not be answered" in reply.error.detail
+    assert await pending_count(redis, settings) == 0
+
+
+async def test_consumers_of_dead_workers_are_forgotten(
+    redis: Redis, worker_settings: Settings
+) -> None:
+    keys = SessionStore(redis, worker_settings).keys
+    await ensure_group(redis, keys)
+    await redis.xgroup_createconsumer(keys.requests, keys.group, "long-gone")
+    await asyncio.sleep(0.05)
+    settings = worker_settings.model_copy(update={"worker_lease_seconds": 0.003})
+    worker = Worker(settings)
+    worker._redis = redis
+    await worker._forget_dead_consumers()
+    names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, keys.group)]
+    assert "long-gone" not in names
