@@ -54,13 +54,16 @@ class Worker:
         self._leases: LeaseManager | None = None
         self._responder: Responder | None = None
         self._entries: dict[str, asyncio.Task[None]] = {}
+        # Sized in run(), once the backend says how many generations it can run at once.
+        self._slots = asyncio.Semaphore(1)
+        self._max_entries = ENTRIES_PER_SLOT
         self._room = asyncio.Event()
         self._stopping = asyncio.Event()
         lease = settings.worker_lease_seconds
         self._lease_ms = int(lease * 1000)
         self._heartbeat_every = lease / 3
         self._reclaim_every = lease / 2
-        self.answered = 0
+        self.handled = 0
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
@@ -109,7 +112,7 @@ class Worker:
         finally:
             await backend.aclose()
             await redis.aclose()
-            logger.info("worker %s stopped after %d replies", self.consumer, self.answered)
+            logger.info("worker %s stopped after %d messages", self.consumer, self.handled)
 
     async def _drain(self) -> None:
         """Let held entries finish within the grace period, then hand the rest back."""
@@ -315,7 +318,7 @@ class Worker:
             finally:
                 await self._leases.release(lease)
             await self._redis.xack(self.keys.requests, self.keys.group, entry_id)
-            self.answered += 1
+            self.handled += 1
         except LeaseLost:
             logger.warning(
                 "session %s was taken over; leaving %s to its new worker", short(token), entry_id

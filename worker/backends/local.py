@@ -7,6 +7,7 @@ works; tokens cross to the loop through a queue as they are produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import threading
@@ -67,7 +68,8 @@ class LocalBackend(ModelBackend):
         )
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Waits for a generation still winding down (it stops at its next token), off the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -81,7 +83,7 @@ class LocalBackend(ModelBackend):
         cancelled = threading.Event()
 
         def hand_over(item: object) -> None:
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def generate() -> None:
