@@ -41,13 +41,21 @@ class InProcessServer:
         return f"ws://{self._config.host}:{self.port}"
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="in-process-uvicorn")
+        if self._task is not None:
+            raise RuntimeError("already serving")
+        self._task = asyncio.create_task(self._serve(), name="in-process-uvicorn")
         while not self._server.started:
             if self._task.done():
                 await self._task
                 raise RuntimeError("uvicorn stopped during startup")
             await asyncio.sleep(0.005)
         self.port = int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as exc:  # uvicorn exits the process when it cannot start
+            raise RuntimeError(f"uvicorn failed to start (exit code {exc.code})") from exc
 
     async def stop(self) -> None:
         if self._task is None:

@@ -77,17 +77,18 @@ import math
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, assert_never
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from tests.support.asgi_server import InProcessServer
 
 __all__ = [
     "CutStream",
@@ -414,20 +415,6 @@ def _word_count(messages: Sequence[object]) -> int:
     )
 
 
-class _EmbeddedUvicornServer(uvicorn.Server):
-    """A uvicorn server that leaves the process' signal handlers alone.
-
-    uvicorn 0.54 has no ``install_signal_handlers`` switch: ``Server.serve()`` replaces the
-    SIGINT/SIGTERM handlers (when run in the main thread) for as long as it serves, and
-    re-raises a captured signal afterwards. Embedded in a test run that would turn Ctrl+C into
-    "stop the model server" instead of interrupting the tests, so this override does nothing.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
@@ -476,9 +463,7 @@ class ModelServer:
         self._host = host
         self._port = port
         self._shutdown_timeout = shutdown_timeout
-        self._bound_port: int | None = None
-        self._server: _EmbeddedUvicornServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._served: InProcessServer | None = None
         self._closing = asyncio.Event()
         self._ids = itertools.count(1)
         self.app = Starlette(
@@ -500,9 +485,9 @@ class ModelServer:
     @property
     def port(self) -> int:
         """The bound port (only while running)."""
-        if self._bound_port is None:
+        if self._served is None:
             raise RuntimeError("ModelServer is not running")
-        return self._bound_port
+        return self._served.port
 
     @property
     def url(self) -> str:
@@ -533,54 +518,29 @@ class ModelServer:
 
     async def start(self) -> None:
         """Bind, start serving in a task of the running loop and wait until listening."""
-        if self._task is not None:
+        if self._served is not None:
             raise RuntimeError("ModelServer is already running")
         _install_abort_log_filter()
-        config = uvicorn.Config(
+        self._closing.clear()
+        served = InProcessServer(
             self.app,
             host=self._host,
             port=self._port,
             http="h11",
             ws="none",
             lifespan="off",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
             timeout_graceful_shutdown=self._shutdown_timeout,
         )
-        server = _EmbeddedUvicornServer(config)
-        self._closing.clear()
-        task = asyncio.create_task(self._serve(server), name=f"model-server:{self._port}")
-        while not server.started:
-            if task.done():
-                await task  # raises the startup error
-                raise RuntimeError("ModelServer stopped during startup")
-            await asyncio.sleep(0.005)
-        sockets = server.servers[0].sockets
-        self._bound_port = int(sockets[0].getsockname()[1])
-        self._server = server
-        self._task = task
-
-    @staticmethod
-    async def _serve(server: uvicorn.Server) -> None:
-        try:
-            await server.serve()
-        except SystemExit as exc:  # uvicorn exits the process on startup failures
-            raise RuntimeError(f"uvicorn failed to start (exit code {exc.code})") from exc
+        await served.start()
+        self._served = served
 
     async def stop(self) -> None:
         """Stop serving: finish in-flight answers (sleeps cut short), close every socket."""
-        task, server = self._task, self._server
-        if task is None or server is None:
+        served, self._served = self._served, None
+        if served is None:
             return
         self._closing.set()
-        server.should_exit = True
-        try:
-            await task
-        finally:
-            self._task = None
-            self._server = None
-            self._bound_port = None
+        await served.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -23,6 +23,8 @@ from tests.support.model_servers import ModelServer, ModelServerBehaviour
 from tests.support.processes import ServerChild, WorkerChild, settings_env
 
 pytestmark = pytest.mark.slow
+
+ChildT = TypeVar("ChildT", ServerChild, WorkerChild)
 
 
 @pytest.fixture
@@ -38,21 +40,19 @@ def system_settings(redis_url: str, slow_model: ModelServer) -> Settings:
 
 @pytest.fixture
 def servers(system_settings: Settings, tmp_path: Path) -> Iterator[list[ServerChild]]:
-    env = settings_env(system_settings)
-    children = [ServerChild(f"server{n}", env, tmp_path) for n in (1, 2)]
-    try:
-        for child in children:
-            child.wait_ready()
-        yield children
-    finally:
-        for child in children:
-            child.stop()
+    yield from started(ServerChild, "server", settings_env(system_settings), tmp_path)
 
 
 @pytest.fixture
 def workers(system_settings: Settings, tmp_path: Path) -> Iterator[list[WorkerChild]]:
-    env = settings_env(system_settings)
-    children = [WorkerChild(f"worker{n}", env, tmp_path) for n in (1, 2)]
+    yield from started(WorkerChild, "worker", settings_env(system_settings), tmp_path)
+
+
+def started(
+    kind: type[ChildT], name: str, env: dict[str, str], log_dir: Path
+) -> Iterator[list[ChildT]]:
+    """Two processes of a kind, ready, and stopped afterwards."""
+    children = [kind(f"{name}{n}", env, log_dir) for n in (1, 2)]
     try:
         for child in children:
             child.wait_ready()

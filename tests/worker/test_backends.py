@@ -21,6 +21,7 @@ from core.models import ErrorCode, Message, Source
 from tests.conftest import make_settings
 from tests.support.model_servers import (
     CutStream,
+    Fault,
     Hang,
     HttpError,
     Loading,
@@ -218,15 +219,25 @@ async def test_hf_text_generation_reply_ends_before_the_next_human_line(
 
 
 @both_protocols
-async def test_model_loading_503_waits_estimated_time_then_answers(
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        pytest.param(Loading(estimated_time=0.3), 503, id="503-loading-estimated-time"),
+        # Retry-After is sent verbatim ("0.3"), to keep the test short.
+        pytest.param(RateLimited(retry_after="0.3"), 429, id="429-retry-after"),
+    ],
+)
+async def test_waits_as_long_as_the_server_asks_then_answers(
     model_server: ModelServer,
     make_backend: BackendFactory,
     history: list[Message],
     caplog: pytest.LogCaptureFixture,
     kind: Kind,
+    fault: Fault,
+    status: int,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="worker.backends.base")
-    model_server.behaviour.script = [Loading(estimated_time=0.3)]
+    model_server.behaviour.script = [fault]
     backend = await make_backend(kind)
 
     started = time.monotonic()
@@ -236,34 +247,9 @@ async def test_model_loading_503_waits_estimated_time_then_answers(
     assert "".join(pieces) == ECHO
     assert len(model_server.requests) == 2
     assert elapsed >= 0.25
-    # The wait is the server's estimated_time, not the default backoff (0.5 s).
+    # The wait is the one the server asked for, not the default backoff (0.5 s).
     [warning] = retry_waits(caplog)
-    assert "HTTP 503" in warning
-    assert "in 0.3s" in warning
-
-
-@both_protocols
-async def test_rate_limited_429_waits_retry_after_then_answers(
-    model_server: ModelServer,
-    make_backend: BackendFactory,
-    history: list[Message],
-    caplog: pytest.LogCaptureFixture,
-    kind: Kind,
-) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.backends.base")
-    # Retry-After is sent verbatim ("0.3"), to keep the test short.
-    model_server.behaviour.script = [RateLimited(retry_after="0.3")]
-    backend = await make_backend(kind)
-
-    started = time.monotonic()
-    pieces = await collect(backend, history)
-    elapsed = time.monotonic() - started
-
-    assert "".join(pieces) == ECHO
-    assert len(model_server.requests) == 2
-    assert elapsed >= 0.25
-    [warning] = retry_waits(caplog)
-    assert "HTTP 429" in warning
+    assert f"HTTP {status}" in warning
     assert "in 0.3s" in warning
 
 
