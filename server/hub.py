@@ -92,24 +92,24 @@ class EventHub:
         assert self._pubsub is not None, "EventHub.start() was not called"
         channel = self._keys.events(token)
         subscription = Subscription(self._max_pending)
-        async with self._lock:
-            members = self._subscribers.setdefault(channel, set())
-            members.add(subscription)
-            confirmation = self._confirmations.get(channel)
-            if len(members) == 1:
-                confirmation = asyncio.get_running_loop().create_future()
-                self._confirmations[channel] = confirmation
-                await self._pubsub.subscribe(channel)
         try:
+            async with self._lock:
+                members = self._subscribers.setdefault(channel, set())
+                members.add(subscription)
+                confirmation = self._confirmations.get(channel)
+                if len(members) == 1:
+                    confirmation = asyncio.get_running_loop().create_future()
+                    self._confirmations[channel] = confirmation
+                    await self._pubsub.subscribe(channel)
             if confirmation is not None:
                 # Events published before Redis confirms would be missed: wait for it.
                 await asyncio.wait_for(asyncio.shield(confirmation), timeout=10)
             yield subscription
         finally:
             async with self._lock:
+                members = self._subscribers.get(channel, set())
                 members.discard(subscription)
-                if not members and self._subscribers.get(channel) is members:
-                    del self._subscribers[channel]
+                if not members and self._subscribers.pop(channel, None) is not None:
                     self._confirmations.pop(channel, None)
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.unsubscribe(channel)

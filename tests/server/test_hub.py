@@ -1,0 +1,69 @@
+"""The per-process fan-out from Redis Pub/Sub to sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from core.keys import Keys
+from core.models import new_id
+from server.hub import EventHub
+
+
+@pytest.fixture
+async def hub(redis: Redis, settings_keys: Keys) -> AsyncIterator[EventHub]:
+    events = EventHub(redis, settings_keys)
+    await events.start()
+    yield events
+    await events.aclose()
+
+
+@pytest.fixture
+def settings_keys(redis: Redis) -> Keys:
+    return Keys(f"hub-{new_id()[:8]}")
+
+
+async def test_one_channel_per_session_while_a_socket_is_open(
+    hub: EventHub, redis: Redis, settings_keys: Keys
+) -> None:
+    token, other = new_id(), new_id()
+    async with hub.subscribe(token) as tab1, hub.subscribe(token) as tab2, hub.subscribe(other):
+        assert hub.channels == 2
+        await redis.publish(settings_keys.events(token), "hello")
+        assert await asyncio.wait_for(tab1.get(), 2) == "hello"
+        assert await asyncio.wait_for(tab2.get(), 2) == "hello"
+    assert hub.channels == 0
+
+
+async def test_a_failed_subscribe_leaves_nothing_behind(
+    hub: EventHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*_: object) -> None:
+        raise RedisConnectionError("Redis went away")
+
+    assert hub._pubsub is not None
+    monkeypatch.setattr(hub._pubsub, "subscribe", refuse)
+    with pytest.raises(RedisConnectionError):
+        async with hub.subscribe(new_id()):
+            pass
+    assert hub.channels == 0
+
+
+async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
+    redis: Redis, settings_keys: Keys
+) -> None:
+    hub = EventHub(redis, settings_keys, max_pending=3)
+    await hub.start()
+    token = new_id()
+    try:
+        async with hub.subscribe(token) as slow:
+            for n in range(5):
+                await redis.publish(settings_keys.events(token), str(n))
+            await asyncio.sleep(0.3)
+            assert slow.overflowed
+    finally:
+        await hub.aclose()
