@@ -28,6 +28,11 @@ class Keys:
         return f"{self.prefix}:control"
 
     @property
+    def servers(self) -> str:
+        """Pub/Sub channel every server process listens on (keeps its connection open)."""
+        return f"{self.prefix}:servers"
+
+    @property
     def probe(self) -> str:
         """Scratch key used by readiness checks."""
         return f"{self.prefix}:probe"
@@ -45,5 +50,5 @@ class Keys:
         return f"{self.prefix}:lock:{token}"
 
     def stop(self, token: str) -> str:
-        """Time (epoch ms) of the session's latest stop request."""
+        """Time (epoch microseconds) of the session's latest stop request."""
         return f"{self.prefix}:stop:{token}"

@@ -43,6 +43,7 @@ class ErrorCode(StrEnum):
     MODEL_ERROR = "model_error"
     TIMEOUT = "timeout"
     SESSION_EXPIRED = "session_expired"
+    SERVICE_UNAVAILABLE = "service_unavailable"
 
 
 class Source(StrEnum):

@@ -21,9 +21,9 @@ def conversation_until(messages: Sequence[Message], human_id: str) -> list[Messa
 
     History is stored in arrival order, so a quick second message can sit before the reply to
     the first (`h1 h2 b1`). The model sees each human message followed by its reply, up to and
-    including `human_id`; failed replies are left out.
+    including `human_id`; failed and empty (stopped at once) replies are left out.
     """
-    replies = {m.reply_to: m for m in messages if not m.is_human and m.error is None}
+    replies = {m.reply_to: m for m in messages if not m.is_human and m.error is None and m.msg}
     ordered: list[Message] = []
     for message in messages:
         if not message.is_human:

@@ -136,12 +136,12 @@ class SessionStore:
 
     async def request_stop(self, token: str) -> None:
         """Ask whichever worker generates for this session to stop; remembered for late starters."""
-        now_ms = int(utcnow().timestamp() * 1000)
+        now_us = int(utcnow().timestamp() * 1_000_000)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.stop(token), now_ms, ex=self._ttl)
+            pipe.set(self.keys.stop(token), now_us, ex=self._ttl)
             pipe.publish(self.keys.control, json.dumps({"type": "stop", "token": token}))
             await pipe.execute()
 
     async def stop_requested_at(self, token: str) -> datetime | None:
         value = await self.redis.get(self.keys.stop(token))
-        return None if value is None else datetime.fromtimestamp(int(value) / 1000, UTC)
+        return None if value is None else datetime.fromtimestamp(int(value) / 1_000_000, UTC)

@@ -22,6 +22,8 @@ from core.keys import Keys
 
 logger = logging.getLogger(__name__)
 
+RESYNC_CODE = 1012  # "service restart": reconnect, and reload the history first
+
 
 class SubscriptionOverflow(Exception):
     """The socket did not keep up with its events."""
@@ -70,7 +72,10 @@ class EventHub:
         self._pubsub = self._redis.pubsub()
         # A standing subscription opens the connection now, so startup fails fast if Redis is
         # unreachable and the reader always has a connection to read.
-        await self._pubsub.subscribe(f"{self._keys.prefix}:servers")
+        await self._pubsub.subscribe(self._keys.servers)
+        # redis-py reconnects and resubscribes by itself; we still need to know it happened.
+        assert self._pubsub.connection is not None
+        self._pubsub.connection.register_connect_callback(self._on_reconnect)
         self._reader = asyncio.create_task(self._read_loop(), name="event-hub-reader")
 
     async def aclose(self) -> None:
@@ -114,6 +119,16 @@ class EventHub:
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.unsubscribe(channel)
 
+    def _on_reconnect(self, _connection: object) -> None:
+        """After a lost connection, events may have been missed: close every socket so its
+        client reconnects and reloads the history, where every finished reply is."""
+        logger.warning(
+            "Pub/Sub reconnected; closing %d channel(s) so clients resync", self.channels
+        )
+        for members in self._subscribers.values():
+            for subscription in members:
+                subscription.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
+
     async def _read_loop(self) -> None:
         assert self._pubsub is not None
         failures = 0
@@ -125,6 +140,10 @@ class EventHub:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
                 logger.warning("Pub/Sub connection lost (%s); retrying in %.1fs", exc, delay)
+                # Drop the dead socket: the next read connects again, and redis-py then
+                # resubscribes every channel (and calls _on_reconnect).
+                if self._pubsub.connection is not None:
+                    await self._pubsub.connection.disconnect()
                 await asyncio.sleep(delay)
                 continue
             failures = 0

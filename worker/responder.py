@@ -93,11 +93,12 @@ class Responder:
         reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=human.id)
         parts: list[str] = []
         stop = asyncio.Event()
-        stopped_at = await self._store.stop_requested_at(token)
-        if stopped_at is not None and stopped_at >= human.timestamp:
-            stop.set()  # stopped before generation started
+        # Listen first, then look: a stop arriving between the two is not missed.
         self.stop_signals[token] = stop
         try:
+            stopped_at = await self._store.stop_requested_at(token)
+            if stopped_at is not None and stopped_at >= human.timestamp:
+                stop.set()  # stopped before generation started
             outcome = await self._generate(token, reply, history, parts, stop, lease)
         finally:
             self.stop_signals.pop(token, None)

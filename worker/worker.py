@@ -59,6 +59,7 @@ class Worker:
         self._max_entries = ENTRIES_PER_SLOT
         self._room = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
         lease = settings.worker_lease_seconds
         self._lease_ms = int(lease * 1000)
         self._heartbeat_every = lease / 3
@@ -93,21 +94,27 @@ class Worker:
                 self.settings.model_backend,
                 slots,
             )
-            loops = [
-                asyncio.create_task(self._forever(self._read_once, 0), name="read"),
+            # Taking new work stops at request_stop(); renewing leases and hearing stop
+            # requests go on until the messages in progress are finished or handed back.
+            intake = [
+                asyncio.create_task(self._forever(self._read_once, 0, self._stopping), name="read"),
                 asyncio.create_task(
-                    self._forever(self._reclaim_once, self._reclaim_every), name="reclaim"
+                    self._forever(self._reclaim_once, self._reclaim_every, self._stopping),
+                    name="reclaim",
                 ),
+            ]
+            upkeep = [
                 asyncio.create_task(
-                    self._forever(self._heartbeat_once, self._heartbeat_every), name="heartbeat"
+                    self._forever(self._heartbeat_once, self._heartbeat_every, self._drained),
+                    name="heartbeat",
                 ),
                 asyncio.create_task(self._control_loop(), name="control"),
             ]
             await self._stopping.wait()
+            await _cancel(intake)
             await self._drain()
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            self._drained.set()
+            await _cancel(upkeep)
             await self._leave_group()
         finally:
             await backend.aclose()
@@ -155,10 +162,13 @@ class Worker:
                     self.keys.requests, self.keys.group, self.consumer
                 )
 
-    async def _forever(self, step: Callable[[], Awaitable[None]], every: float) -> None:
-        """Run `step` until stopping; Redis outages are logged and retried with backoff."""
+    async def _forever(
+        self, step: Callable[[], Awaitable[None]], every: float, until: asyncio.Event
+    ) -> None:
+        """Run `step` every `every` seconds until `until` is set; Redis outages are logged and
+        retried with backoff."""
         failures = 0
-        while not self._stopping.is_set():
+        while not until.is_set():
             try:
                 await step()
                 failures = 0
@@ -178,7 +188,7 @@ class Worker:
                 continue
             if every:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=every)
+                    await asyncio.wait_for(until.wait(), timeout=every)
 
     # --- Loops -----------------------------------------------------------------------------
 
@@ -260,12 +270,12 @@ class Worker:
 
     async def _control_loop(self) -> None:
         assert self._redis is not None and self._responder is not None
-        while not self._stopping.is_set():
+        while not self._drained.is_set():
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.control)
                     # Checked each second: redis-py's get_message can swallow a cancellation.
-                    while not self._stopping.is_set():
+                    while not self._drained.is_set():
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
                         )
@@ -325,3 +335,9 @@ class Worker:
             )
         except (RedisError, OSError) as exc:
             logger.warning("entry %s left pending for a retry: %s", entry_id, exc)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

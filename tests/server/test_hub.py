@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -11,7 +12,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.keys import Keys
 from core.models import new_id
-from server.hub import EventHub
+from core.redis import create_redis
+from launcher.redis_server import EmbeddedRedis, free_port
+from server.hub import RESYNC_CODE, CloseSocket, EventHub
+from tests.conftest import make_settings
 
 
 @pytest.fixture
@@ -67,3 +71,22 @@ async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
             assert slow.overflowed
     finally:
         await hub.aclose()
+
+
+async def test_sockets_are_told_to_resync_after_redis_comes_back(tmp_path: Path) -> None:
+    port = free_port()
+    keys = Keys("resync")
+    with EmbeddedRedis(port, tmp_path) as server:
+        redis = create_redis(make_settings(server.url))
+        hub = EventHub(redis, keys)
+        await hub.start()
+        try:
+            async with hub.subscribe(new_id()) as socket:
+                server.kill()
+                await asyncio.sleep(0.5)
+                server.start()
+                frame = await asyncio.wait_for(socket.get(), 20)
+        finally:
+            await hub.aclose()
+            await redis.aclose()
+    assert frame == CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect")

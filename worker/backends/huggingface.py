@@ -21,6 +21,9 @@ from collections.abc import AsyncIterator, Sequence
 # Without this, huggingface_hub's first request makes a blocking look-up on the Hub from the
 # event loop thread (user-agent "agent detection"); we talk to the configured URL only.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Without HF_TOKEN, send no token at all: never a login cached on this machine, which would go
+# to whatever MODEL_URL names.
+os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
 
 import httpx2
 from huggingface_hub import AsyncInferenceClient

@@ -24,7 +24,8 @@ router = APIRouter(tags=["chat"])
 
 SESSION_REFUSED = "Session not authenticated or expired token"
 BINARY_REFUSED = "Binary frames are not supported: send the message as a text frame"
-_CLOSING = object()
+UNAVAILABLE = "The service is briefly unavailable; nothing was stored. Send it again."
+_CLOSING = object()  # returned by the receiver when the server is closing the socket
 
 
 @router.websocket("/chat")
@@ -91,13 +92,17 @@ async def _receive_frames(
             case FrameError(code, detail):
                 reply_error(code, detail)
             case StopGeneration():
-                await store.request_stop(token)
+                try:
+                    await store.request_stop(token)
+                except RedisError:
+                    logger.exception("could not pass on a stop for session %s", short(token))
+                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
             case ChatMessage(message_text, client_id):
                 try:
                     stored = await store.add_human_message(token, message_text, client_id)
                 except RedisError:
                     logger.exception("could not queue a message for session %s", short(token))
-                    reply_error(ErrorCode.MODEL_UNAVAILABLE, "The service is unavailable; retry")
+                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
                     continue
                 if stored is None:
                     reply_error(ErrorCode.SESSION_EXPIRED, "Session expired or does not exist")
