@@ -32,8 +32,13 @@ class Supervisor:
         self.stopping = False
 
     def spawn(self, name: str, module: str, env: dict[str, str]) -> None:
+        # Its own process group: a Ctrl+C reaches only the launcher, which stops the children
+        # in order (Redis last) instead of all of them at once.
         process = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, stdin=subprocess.DEVNULL
+            [sys.executable, "-m", module],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.children.append((name, process))
         logger.info("started %s (pid %d)", name, process.pid)

@@ -120,7 +120,11 @@ class EmbeddedRedis:
                 "or REDIS_URL to use the Redis that is running there"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        # Its own process group, so a Ctrl+C in the terminal does not stop Redis before the
+        # processes that use it; whoever started it stops it.
+        self._process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
