@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sys
 
 from core.config import Settings, get_settings
 from core.logs import configure_logging
-from worker.worker import Worker
+from worker.worker import Worker, WorkerFailed
 
 
 async def serve(settings: Settings) -> None:
@@ -21,7 +23,11 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except WorkerFailed:
+        logging.getLogger("worker").critical("worker stopped on a failure")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 ENTRIES_PER_SLOT = 4
 
 
+class WorkerFailed(RuntimeError):
+    """One of the worker's loops failed; the worker stopped (after handing back its work)."""
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -110,16 +114,33 @@ class Worker:
                 ),
                 asyncio.create_task(self._control_loop(), name="control"),
             ]
-            await self._stopping.wait()
+            crashed = await self._until_stopped_or_crashed(intake + upkeep)
             await _cancel(intake)
             await self._drain()
             self._drained.set()
             await _cancel(upkeep)
             await self._leave_group()
+            if crashed is not None:
+                raise WorkerFailed("a worker loop failed; see the log above") from crashed
         finally:
             await backend.aclose()
             await redis.aclose()
             logger.info("worker %s stopped after %d messages", self.consumer, self.handled)
+
+    async def _until_stopped_or_crashed(
+        self, loops: list[asyncio.Task[None]]
+    ) -> BaseException | None:
+        """Wait for request_stop(); a loop that ends before that has failed, and stops the
+        worker too (a worker that no longer reads or renews its leases must not linger)."""
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({stopping, *loops}, return_when=asyncio.FIRST_COMPLETED)
+        await _cancel([stopping])
+        for loop in loops:
+            if loop.done() and not loop.cancelled() and loop.exception() is not None:
+                logger.error("%s loop failed", loop.get_name(), exc_info=loop.exception())
+                self.request_stop()
+                return loop.exception()
+        return None
 
     async def _drain(self) -> None:
         """Let held entries finish within the grace period, then hand the rest back."""
@@ -335,9 +356,13 @@ class Worker:
             )
         except (RedisError, OSError) as exc:
             logger.warning("entry %s left pending for a retry: %s", entry_id, exc)
+        except Exception:
+            # Left pending: reclaimed after a lease, and failed for good after
+            # WORKER_MAX_DELIVERIES attempts.
+            logger.exception("entry %s failed; left pending for a retry", entry_id)
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -17,7 +17,7 @@ from launcher.redis_server import free_port
 from tests.conftest import make_settings
 from tests.support.model_servers import Hang, HttpError, ModelServer
 from tests.support.stack import running_stack
-from worker.worker import Worker
+from worker.worker import Worker, WorkerFailed
 
 
 @asynccontextmanager
@@ -226,3 +226,17 @@ async def test_consumers_of_dead_workers_are_forgotten(
     await worker._forget_dead_consumers()
     names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, keys.group)]
     assert "long-gone" not in names
+
+
+async def test_a_failed_loop_stops_the_worker_instead_of_leaving_it_half_alive(
+    worker_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = Worker(worker_settings)
+
+    async def broken_read() -> None:
+        raise ValueError("bug in the read loop")
+
+    monkeypatch.setattr(worker, "_read_once", broken_read)
+    with pytest.raises(WorkerFailed, match="worker loop failed") as failed:
+        await asyncio.wait_for(worker.run(), 10)
+    assert isinstance(failed.value.__cause__, ValueError)
