@@ -88,6 +88,11 @@ class EventHub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @property
+    def running(self) -> bool:
+        """False once the reader has stopped: sockets would get no events."""
+        return self._reader is not None and not self._reader.done()
+
+    @property
     def channels(self) -> int:
         return len(self._subscribers)
 

@@ -153,3 +153,13 @@ async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     assert "text/html" in response.headers["content-type"]
     assert "/chat" in response.text
+
+
+async def test_readiness_fails_when_the_event_fan_out_stopped(
+    stack: Stack, client: httpx.AsyncClient
+) -> None:
+    hub = stack.server.app.state.hub
+    await hub.aclose()
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert "fan-out" in response.json()["detail"]

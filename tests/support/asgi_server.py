@@ -27,6 +27,7 @@ class InProcessServer:
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("timeout_graceful_shutdown", 5)
+        self.app = app
         self._config = uvicorn.Config(app, host=host, port=port, **config)
         self._server = _QuietSignalsServer(self._config)
         self._task: asyncio.Task[None] | None = None

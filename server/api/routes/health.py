@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from core.keys import Keys
 from core.redis import readiness_problem
-from server.api.deps import RedisDep, SettingsDep
+from server.api.deps import HubDep, RedisDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
@@ -24,8 +24,14 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis is not usable; the reason"}})
-async def readyz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
-    """200 when Redis answers and JSON and Streams work, else 503 with the reason."""
+async def readyz(redis: RedisDep, hub: HubDep, settings: SettingsDep) -> JSONResponse:
+    """200 when Redis answers, JSON and Streams work and events reach the sockets; else 503
+    with the reason."""
+    if not hub.running:
+        return JSONResponse(
+            {"status": "unavailable", "detail": "event fan-out stopped (see the log)"},
+            status_code=503,
+        )
     problem = await readiness_problem(redis, Keys(settings.key_prefix))
     if problem is not None:
         return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
