@@ -149,9 +149,7 @@ class Worker:
             logger.info("waiting for %d message(s) in progress", len(held))
             await asyncio.wait(held, timeout=self.settings.worker_shutdown_grace_seconds)
         unfinished = dict(self._entries)
-        for task in unfinished.values():
-            task.cancel()
-        await asyncio.gather(*unfinished.values(), return_exceptions=True)
+        await _cancel(list(unfinished.values()))
         if unfinished and self._redis is not None:
             # Mark them long idle so the next XAUTOCLAIM by any worker takes them at once.
             with contextlib.suppress(RedisError, OSError):
