@@ -58,9 +58,10 @@ def find_redisjson(configured: Path | None = None) -> Path:
     )
 
 
-def _port_free(port: int) -> bool:
+def port_in_use(port: int) -> bool:
+    """True when something on this machine accepts connections on the port."""
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def free_port() -> int:
@@ -114,7 +115,7 @@ class EmbeddedRedis:
         return command
 
     def start(self, timeout: float = 15.0) -> None:
-        if self._answers_ping() or not _port_free(self.port):
+        if port_in_use(self.port):
             raise EmbeddedRedisError(
                 f"Port {self.port} is already in use: set EMBEDDED_REDIS_PORT to a free port, "
                 "or REDIS_URL to use the Redis that is running there"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -14,15 +13,10 @@ import httpx
 import pytest
 import websockets
 
-from launcher.redis_server import free_port
+from launcher.redis_server import free_port, port_in_use
 from tests.support.processes import Child
 
 pytestmark = pytest.mark.slow
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_run_brings_up_everything_and_stops_cleanly(tmp_path: Path) -> None:
@@ -69,5 +63,5 @@ async def test_run_brings_up_everything_and_stops_cleanly(tmp_path: Path) -> Non
     output = run.log()
     assert status == 0, output
     assert "stopped" in output
-    assert not port_open(redis_port) and not port_open(server_port)
+    assert not port_in_use(redis_port) and not port_in_use(server_port)
     assert (tmp_path / "redis" / "appendonlydir").is_dir()
