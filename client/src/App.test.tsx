@@ -86,6 +86,8 @@ describe('chat screen', () => {
     });
     expect(within(log()).getByText('code').tagName).toBe('CODE');
     expect(screen.queryByRole('button', { name: 'Stop the reply' })).toBeNull();
+    // Focus was on Stop, which is gone: it returns to the message box.
+    expect(box).toHaveFocus();
   });
 
   it('renders HTML in a reply as text, never as elements', async () => {

@@ -1,4 +1,4 @@
-import { type FormEvent, type KeyboardEvent, useId, useState } from 'react';
+import { type FormEvent, type KeyboardEvent, useEffect, useId, useRef, useState } from 'react';
 
 interface Props {
   connected: boolean;
@@ -12,6 +12,12 @@ interface Props {
 export function Composer({ connected, generating, onSend, onStop }: Props) {
   const [text, setText] = useState('');
   const inputId = useId();
+  const box = useRef<HTMLTextAreaElement>(null);
+
+  // The Stop button goes away when the reply is final: keep keyboard focus in the page.
+  useEffect(() => {
+    if (!generating && document.activeElement === document.body) box.current?.focus();
+  }, [generating]);
 
   const send = () => {
     if (!text.trim()) return;
@@ -35,6 +41,7 @@ export function Composer({ connected, generating, onSend, onStop }: Props) {
       </label>
       <textarea
         id={inputId}
+        ref={box}
         rows={2}
         value={text}
         placeholder="Type a message… (Shift+Enter for a new line)"

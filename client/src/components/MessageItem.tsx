@@ -31,8 +31,9 @@ export function MessageItem({ entry, notice, onResend }: Props) {
       className={`msg ${entry.source} ${entry.status}`}
       data-id={entry.id}
       data-status={entry.status}
-      aria-label={`${who}${entry.status === 'streaming' ? ', typing' : ''}`}
+      aria-busy={entry.status === 'streaming' || undefined}
     >
+      <span className="sr-only">{who}: </span>
       <div className="text">
         {entry.status === 'error' ? (
           <p>{entry.error?.detail || 'The reply failed.'}</p>
