@@ -60,7 +60,7 @@ NPM_STAMP  := client/node_modules/.installed-stamp
 CLIENT_SRC := $(shell find client/src -type f 2>/dev/null) client/index.html \
               client/vite.config.ts client/tsconfig.json
 
-.PHONY: client-install client-build client-test e2e
+.PHONY: client-install client-build client-test e2e client-clean
 
 client-install: $(NPM_STAMP)
 
@@ -81,6 +81,10 @@ client-test: $(NPM_STAMP)
 e2e: $(STAMP) client-build
 	$(BIN)/pytest tests/e2e
 
+client-clean:
+	rm -rf client/dist client/node_modules
+
 test: client-test
 pytest: client-build
 run: client-build
+distclean: client-clean
