@@ -151,6 +151,7 @@ try {
   await box.fill('And what did the cat do next?');
   await box.press('Enter');
   await log_.locator('li.human[data-status="sent"]', { hasText: 'what did the cat do next' }).waitFor();
+  await items.nth(3).waitFor(); // the reply's first tokens (it may even be done already)
   const replyState = await items.evaluateAll((lis) => lis[3]?.dataset.status ?? 'not started');
   await ask('kill-server');
   log(`server killed (the reply was ${replyState})`);
