@@ -174,13 +174,36 @@ async def test_stop_before_generation_starts_stops_the_queued_message(
     assert model_server.requests == []
 
 
-async def test_messages_wait_for_a_worker(stack: Stack) -> None:
+async def test_messages_wait_for_a_worker_and_the_sender_is_told(stack: Stack) -> None:
     await stack.stop_workers()
     token = await stack.new_session()
-    async with stack.socket(token) as chat:
+    async with stack.socket(token) as chat, stack.socket(token) as other_tab:
         await chat.send("is anybody there?")
-        await chat.until("ack")
+        ack = await chat.next_event()
+        notice = await chat.next_event()
         assert await chat.silence(0.3) == []
         stack.add_worker()
         reply = await chat.until("message")
+        await other_tab.until("message")
+    assert ack["type"] == "ack"
+    assert notice == {
+        "type": "notice",
+        "code": "queued",
+        "reply_to": ack["id"],
+        "detail": "No worker is running right now; your message is queued and will be answered "
+        "when one starts.",
+    }
     assert reply["msg"] == "echo: is anybody there?"
+    # Only the socket that sent the message is told.
+    assert [e["type"] for e in other_tab.events if e["type"] != "token"] == ["ack", "message"]
+
+
+async def test_no_notice_while_a_worker_is_alive(stack: Stack, redis: Redis) -> None:
+    async with asyncio.timeout(30):
+        while not await redis.zcard(f"{stack.settings.key_prefix}:workers:alive"):
+            await asyncio.sleep(0.02)
+    token = await stack.new_session()
+    async with stack.socket(token) as chat:
+        await chat.send("hi")
+        await chat.until("message")
+    assert "notice" not in [e["type"] for e in chat.events]
