@@ -6,12 +6,13 @@ name in upper case is the variable name (`SESSION_TTL_SECONDS`, `MODEL_BACKEND`,
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,9 +100,10 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEV_ORIGINS),
         description="browser origins allowed to open /chat besides the server's own; '*' = any",
     )
-    forwarded_allow_ips: list[str] = Field(
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="proxies whose X-Forwarded-For/-Proto are trusted for the client address",
+        description="proxies whose X-Forwarded-For/-Proto are trusted for the client address; "
+        'a JSON list or, as uvicorn takes it, comma-separated ("127.0.0.1,10.0.0.0/8")',
     )
     rate_limit_window_seconds: int = Field(default=10, ge=1, description="socket message window")
     rate_limit_session_messages: int = Field(
@@ -136,6 +138,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _json_or_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _no_wildcards_in_production(self) -> Settings:

@@ -46,3 +46,18 @@ def test_production_wildcard_from_the_environment(monkeypatch: pytest.MonkeyPatc
 def test_unknown_environment_is_refused() -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, app_env="staging")
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ('["127.0.0.1", "10.0.0.0/8"]', ["127.0.0.1", "10.0.0.0/8"]),
+        ("127.0.0.1, 10.0.0.0/8", ["127.0.0.1", "10.0.0.0/8"]),  # uvicorn's own form
+        ("", []),
+    ],
+)
+def test_forwarded_allow_ips_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, parsed: list[str]
+) -> None:
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
+    assert Settings(_env_file=None).forwarded_allow_ips == parsed
