@@ -122,6 +122,8 @@ class Worker:
             await self._drain()
             self._drained.set()
             await _cancel(upkeep)
+            with contextlib.suppress(RedisError, OSError):  # in case a heartbeat raced the first
+                await redis.zrem(self.keys.workers_alive, self.consumer)
             await self._leave_group()
             if crashed is not None:
                 raise WorkerFailed("a worker loop failed; see the log above") from crashed

@@ -116,7 +116,7 @@ async def test_session_expiring_while_connected_is_reported_and_closed(
     ],
 )
 async def test_bad_frames_get_an_error_and_lose_nothing(
-    stack: Stack, frame: str | bytes, code: str
+    stack: Stack, redis: Redis, frame: str | bytes, code: str
 ) -> None:
     token = await stack.new_session()
     async with stack.socket(token) as chat:
@@ -125,6 +125,10 @@ async def test_bad_frames_get_an_error_and_lose_nothing(
         assert error["code"] == code
         assert error["detail"]
         assert "reply_to" not in error
+        # Nothing half-written: no history entry, no stream entry, no ack.
+        assert (await stack.history(token))["messages"] == []
+        assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+        assert [e["type"] for e in chat.events] == ["error"]
         # The connection and the session are intact: the next message works.
         await chat.send("still fine?")
         reply = await chat.until("message")
