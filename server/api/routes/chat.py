@@ -13,12 +13,13 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from redis.exceptions import RedisError
 
+from core.config import Settings
 from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
 from core.store import Queued, RateLimited, SessionStore
 from server.api.deps import HubDep, SettingsDep, SocketsDep, StoreDep
 from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
 from server.guards import client_address, origin_allowed
-from server.hub import CloseSocket, Subscription, SubscriptionOverflow
+from server.hub import CloseSocket, EventHub, Subscription, SubscriptionOverflow
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
@@ -45,7 +46,7 @@ async def chat(
 ) -> None:
     origin = websocket.headers.get("origin")
     if not origin_allowed(origin, websocket.headers.get("host"), settings.allowed_origins):
-        logger.warning("socket refused: origin %r is not allowed", origin)
+        logger.info("socket refused: origin %r is not allowed", origin)
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=ORIGIN_REFUSED)
         return
     if token is None or not await store.touch(token):
@@ -74,7 +75,7 @@ async def _refuse_one_too_many(websocket: WebSocket, token: str, limit: int) -> 
 
 
 async def _serve(
-    websocket: WebSocket, token: str, store: SessionStore, hub: HubDep, settings: SettingsDep
+    websocket: WebSocket, token: str, store: SessionStore, hub: EventHub, settings: Settings
 ) -> None:
     # Subscribed before the handshake completes: a client whose socket is open receives every
     # event of its session from then on (a second tab included).
