@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     )
     allowed_origins: list[str] = Field(
         default_factory=lambda: list(DEV_ORIGINS),
-        description="browser origins allowed to open /chat besides the server's own; '*' = any",
+        description="browser origins allowed to open /chat besides the server's own; '*' = any; "
+        "the default (Vite dev ports) applies in development only",
     )
     forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -159,6 +160,15 @@ class Settings(BaseSettings):
                         "list the origins of your pages instead"
                     )
         return self
+
+    @property
+    def socket_origins(self) -> list[str]:
+        """Origins allowed to open /chat besides the server's own. The default list (the Vite
+        dev servers on this machine) applies in development only; production uses what
+        ALLOWED_ORIGINS lists, nothing if it is not set."""
+        if self.app_env == "production" and "allowed_origins" not in self.model_fields_set:
+            return []
+        return self.allowed_origins
 
     @property
     def hf_endpoint(self) -> str:

@@ -61,3 +61,11 @@ def test_forwarded_allow_ips_from_the_environment(
 ) -> None:
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", raw)
     assert Settings(_env_file=None).forwarded_allow_ips == parsed
+
+
+def test_dev_origins_are_allowed_in_development_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "http://localhost:5173" in Settings(_env_file=None).socket_origins
+    assert Settings(_env_file=None, app_env="production").socket_origins == []
+    monkeypatch.setenv("ALLOWED_ORIGINS", '["https://chat.example"]')
+    production = Settings(_env_file=None, app_env="production")
+    assert production.socket_origins == ["https://chat.example"]

@@ -45,7 +45,7 @@ async def chat(
     token: str | None = None,
 ) -> None:
     origin = websocket.headers.get("origin")
-    if not origin_allowed(origin, websocket.headers.get("host"), settings.allowed_origins):
+    if not origin_allowed(origin, websocket.headers.get("host"), settings.socket_origins):
         logger.info("socket refused: origin %r is not allowed", origin)
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=ORIGIN_REFUSED)
         return
