@@ -188,7 +188,7 @@ async def test_session_rate_limit_refuses_without_writing(redis_url: str, redis:
 
 
 async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -> None:
-    settings = make_settings(redis_url, rate_limit_address_messages=2)
+    settings = make_settings(redis_url, rate_limit_address_messages=2, rate_limit_window_seconds=60)
     store = SessionStore(redis, settings)
     sessions = [await store.create(name) for name in ("A", "B", "C")]
     results = [await store.queue_message(s.token, "hi", address="192.0.2.7") for s in sessions]

@@ -59,7 +59,9 @@ def limited(redis_url: str, model_server: ModelServer, **overrides: Any) -> Sett
 async def test_a_flood_is_rate_limited_and_leaves_no_trace(
     redis_url: str, model_server: ModelServer, redis: Redis
 ) -> None:
-    settings = limited(redis_url, model_server, rate_limit_session_messages=5)
+    settings = limited(
+        redis_url, model_server, rate_limit_session_messages=5, rate_limit_window_seconds=60
+    )
     async with running_stack(settings, workers=0) as stack:
         token = await stack.new_session()
         async with stack.socket(token) as chat:
@@ -103,7 +105,9 @@ async def test_default_limits_never_limit_normal_chat(stack: Stack) -> None:
 async def test_session_limit_holds_across_two_servers(
     redis_url: str, model_server: ModelServer
 ) -> None:
-    settings = limited(redis_url, model_server, rate_limit_session_messages=4)
+    settings = limited(
+        redis_url, model_server, rate_limit_session_messages=4, rate_limit_window_seconds=60
+    )
     async with two_servers(settings) as (one, two):
         token = await one.new_session()
         async with one.socket(token) as left, two.socket(token) as right:
@@ -121,7 +125,9 @@ async def test_session_limit_holds_across_two_servers(
 async def test_address_limit_holds_across_sessions_and_servers(
     redis_url: str, model_server: ModelServer
 ) -> None:
-    settings = limited(redis_url, model_server, rate_limit_address_messages=3)
+    settings = limited(
+        redis_url, model_server, rate_limit_address_messages=3, rate_limit_window_seconds=60
+    )
     async with two_servers(settings) as (one, two):
         tokens = [await one.new_session(name) for name in ("A", "B")]
         async with one.socket(tokens[0]) as a, two.socket(tokens[1]) as b:
