@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from core.config import Settings, get_settings
 from core.keys import Keys
@@ -17,6 +18,7 @@ from core.redis import create_redis, ensure_group
 from core.store import SessionStore
 from server.api.main import api_router
 from server.hub import EventHub
+from server.sockets import SocketRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +28,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     redis = create_redis(settings)
     hub = EventHub(redis, Keys(settings.key_prefix))
+    sockets = SocketRegistry(
+        redis,
+        Keys(settings.key_prefix),
+        settings.max_sockets_per_session,
+        settings.socket_lease_seconds,
+    )
     try:
         await ensure_group(redis, Keys(settings.key_prefix))
         await hub.start()
+        await sockets.start()
         app.state.redis = redis
         app.state.store = SessionStore(redis, settings)
         app.state.hub = hub
+        app.state.sockets = sockets
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:
+        await sockets.aclose()
         await hub.aclose()
         await redis.aclose()
 
@@ -56,6 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
+    if settings.forwarded_allow_ips:
+        # The client address (rate limits, logs) comes from X-Forwarded-For only when the
+        # request comes from one of these proxies; anyone else's header is ignored.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(api_router)
     client_dir = settings.resolved_client_dir
     if client_dir.is_dir():
