@@ -78,7 +78,9 @@ class ChatSocket:
         client_id = uuid.uuid4().hex
         reply = Reply(sent=time.perf_counter())
         self._by_client_id[client_id] = reply
-        await self.websocket.send(json.dumps({"type": "message", "msg": text, "client_id": client_id}))
+        await self.websocket.send(
+            json.dumps({"type": "message", "msg": text, "client_id": client_id})
+        )
         await reply.finished
         return reply
 
@@ -102,10 +104,9 @@ class ChatSocket:
                             reply.first_token = now
                 elif kind in ("message", "error"):
                     reply = self._by_id.pop(event.get("reply_to") or "", None)
-                    if reply is None and kind == "error":
+                    if reply is None and kind == "error" and self._by_client_id:
                         # An error without reply_to answers the oldest unacknowledged message.
-                        if self._by_client_id:
-                            reply = self._by_client_id.pop(next(iter(self._by_client_id)))
+                        reply = self._by_client_id.pop(next(iter(self._by_client_id)))
                     if reply is not None:
                         reply.done = now
                         if kind == "error":
@@ -197,10 +198,26 @@ async def gather_limited(
     return list(await asyncio.gather(*(run(f) for f in factories)))
 
 
+class Meter(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def _metered(meter: Meter | None, start: float, end: float) -> None:
+    if meter is None:
+        return
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    meter.start()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    meter.stop()
+
+
 @dataclass
 class LoadResult:
     replies: list[Reply]
     seconds: float
+    lost: int = 0
 
     @property
     def ok(self) -> list[Reply]:
@@ -208,7 +225,7 @@ class LoadResult:
 
     @property
     def errors(self) -> int:
-        return len(self.replies) - len(self.ok)
+        return len(self.replies) - len(self.ok) + self.lost
 
     @property
     def rate(self) -> float:
@@ -218,7 +235,9 @@ class LoadResult:
         return [1000 * r.latency for r in self.ok]
 
 
-async def closed_loop(askers: Sequence[Asker], seconds: float, warmup: float = 0.5) -> LoadResult:
+async def closed_loop(
+    askers: Sequence[Asker], seconds: float, warmup: float = 0.5, meter: Meter | None = None
+) -> LoadResult:
     """Every socket sends its next message as soon as the last one is answered. Counts the
     replies that both started and finished inside the measured window."""
     start = time.perf_counter() + warmup
@@ -234,17 +253,22 @@ async def closed_loop(askers: Sequence[Asker], seconds: float, warmup: float = 0
                 replies.append(reply)
                 return
 
-    await asyncio.gather(*(run(a) for a in askers))
+    await asyncio.gather(_metered(meter, start, end), *(run(a) for a in askers))
     return LoadResult(replies, seconds)
 
 
 async def open_loop(
-    askers: Sequence[Asker], rate: float, seconds: float, drain_timeout: float = 30.0
+    askers: Sequence[Asker],
+    rate: float,
+    seconds: float,
+    drain_timeout: float = 30.0,
+    meter: Meter | None = None,
 ) -> LoadResult:
     """Send at a fixed offered rate (messages/s) spread round-robin over the sockets, whatever
     the replies do; every message's latency counts."""
     tasks: list[asyncio.Task[Reply]] = []
     start = time.perf_counter()
+    metering = asyncio.create_task(_metered(meter, start, start + seconds))
     total = int(rate * seconds)
     for k in range(total):
         due = start + k / rate
@@ -255,5 +279,6 @@ async def open_loop(
     done, pending = await asyncio.wait(tasks, timeout=drain_timeout) if tasks else (set(), set())
     for task in pending:
         task.cancel()
+    await metering
     replies = [t.result() for t in done if not t.cancelled() and t.exception() is None]
-    return LoadResult(replies, seconds)
+    return LoadResult(replies, seconds, lost=len(tasks) - len(replies))

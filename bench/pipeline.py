@@ -23,8 +23,9 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import redis
+
 from bench.client import (
-    Asker,
     ChatSocket,
     EchoSocket,
     LoadResult,
@@ -34,6 +35,7 @@ from bench.client import (
 )
 from bench.support import (
     Bench,
+    CpuMeter,
     Table,
     free_port,
     machine_line,
@@ -58,47 +60,65 @@ QUICK = Options(sessions=4, seconds=1.5, xadd_requests=5_000)
 
 
 @dataclass
+class Measured:
+    load: LoadResult
+    cpu: CpuMeter
+
+    @property
+    def redis_per_message(self) -> float:
+        done = len(self.load.ok)
+        return self.cpu.redis_commands / done if done and self.cpu.redis_port else float("nan")
+
+    @property
+    def cpu_ms_per_message(self) -> float:
+        done = len(self.load.ok)
+        return 1000 * self.cpu.total / done if done else float("nan")
+
+
+@dataclass
 class Result:
-    echo_saturation: LoadResult
-    echo_half: LoadResult
-    pipeline_saturation: LoadResult
-    pipeline_half: LoadResult
+    echo_saturation: Measured
+    echo_half: Measured
+    pipeline_saturation: Measured
+    pipeline_half: Measured
     xadd_per_s: float | None
     offered: float
 
 
-async def _load(askers: Sequence[Asker], options: Options, rate: float | None) -> LoadResult:
-    if rate is None:
-        return await closed_loop(askers, options.seconds)
-    return await open_loop(askers, rate, options.seconds)
-
-
-async def _measure_echo(url: str, options: Options) -> LoadResult:
+async def _measure_echo(url: str, options: Options, pid: int, rate: float | None) -> Measured:
     sockets = [await EchoSocket.open(url) for _ in range(options.sessions)]
+    meter = CpuMeter({"echo server": pid})
     try:
-        return await closed_loop(sockets, options.seconds)
+        if rate is None:
+            return Measured(await closed_loop(sockets, options.seconds, meter=meter), meter)
+        return Measured(await open_loop(sockets, rate, options.seconds, meter=meter), meter)
     finally:
         await asyncio.gather(*(s.close() for s in sockets))
 
 
-async def _measure_echo_at(url: str, options: Options, rate: float) -> LoadResult:
-    sockets = [await EchoSocket.open(url) for _ in range(options.sessions)]
-    try:
-        return await open_loop(sockets, rate, options.seconds)
-    finally:
-        await asyncio.gather(*(s.close() for s in sockets))
-
-
-async def _measure_pipeline(http: str, options: Options) -> tuple[LoadResult, LoadResult]:
+async def _measure_pipeline(
+    http: str, options: Options, pids: dict[str, int], redis_port: int
+) -> tuple[Measured, Measured]:
     ws = http.replace("http://", "ws://")
     tokens = await new_sessions(http, options.sessions)
     sockets = [await ChatSocket.open(ws, token) for token in tokens]
     try:
-        saturation = await closed_loop(sockets, options.seconds)
-        half = await open_loop(sockets, max(saturation.rate / 2, 1.0), options.seconds)
+        meter = CpuMeter(pids, redis_port)
+        saturation = Measured(await closed_loop(sockets, options.seconds, meter=meter), meter)
+        meter = CpuMeter(pids, redis_port)
+        rate = max(saturation.load.rate / 2, 1.0)
+        half = Measured(await open_loop(sockets, rate, options.seconds, meter=meter), meter)
         return saturation, half
     finally:
         await asyncio.gather(*(s.close() for s in sockets))
+
+
+def redis_pid(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
 
 
 def run(options: Options) -> Result:
@@ -106,21 +126,31 @@ def run(options: Options) -> Result:
         xadd = redis_benchmark_xadd(bench.redis.port, options.xadd_requests)
 
         echo_port = free_port()
-        echo = bench.start("echo", ["bench.echo_server", "--port", str(echo_port)], stack_env("", ""))
+        echo = bench.start(
+            "echo", ["bench.echo_server", "--port", str(echo_port)], stack_env("", "")
+        )
         echo.wait_http(f"http://127.0.0.1:{echo_port}/health")
         echo_url = f"ws://127.0.0.1:{echo_port}"
-        echo_saturation = asyncio.run(_measure_echo(echo_url, options))
+        echo_saturation = asyncio.run(_measure_echo(echo_url, options, echo.pid, None))
 
-        _model, model_url = bench.model_server(pieces=options.pieces)
+        model, model_url = bench.model_server(pieces=options.pieces)
         env = stack_env(
             bench.redis.url, bench.new_prefix(), MODEL_BACKEND="openai", OPENAI_BASE_URL=model_url
         )
         workers = [bench.worker(env) for _ in range(options.workers)]
-        _server, http = bench.server(env)
+        server, http = bench.server(env)
         bench.wait_workers(workers)
-        pipeline_saturation, pipeline_half = asyncio.run(_measure_pipeline(http, options))
-        offered = max(pipeline_saturation.rate / 2, 1.0)
-        echo_half = asyncio.run(_measure_echo_at(echo_url, options, offered))
+        pids = {
+            "server": server.pid,
+            **{f"worker {i + 1}": w.pid for i, w in enumerate(workers)},
+            "redis": redis_pid(bench.redis.url),
+            "model server": model.pid,
+        }
+        pipeline_saturation, pipeline_half = asyncio.run(
+            _measure_pipeline(http, options, pids, bench.redis.port)
+        )
+        offered = max(pipeline_saturation.load.rate / 2, 1.0)
+        echo_half = asyncio.run(_measure_echo(echo_url, options, echo.pid, offered))
     return Result(echo_saturation, echo_half, pipeline_saturation, pipeline_half, xadd, offered)
 
 
@@ -128,10 +158,12 @@ def table(result: Result, options: Options) -> Table:
     out = Table(
         f"Pipeline: {options.sessions} sessions, instant model ({options.pieces} token events "
         f"per reply), {options.workers} worker, 1 server",
-        ["measure", "messages/s", "p50 ms", "p95 ms", "p99 ms", "errors", "vs ceiling"],
-    )
+        ["measure", "messages/s", "p50 ms", "p95 ms", "p99 ms", "errors", "CPU ms/msg",
+         "Redis cmds/msg", "vs ceiling"],
+    )  # fmt: skip
 
-    def row(name: str, load: LoadResult, ceiling: float | None) -> None:
+    def row(name: str, measured: Measured, ceiling: float | None) -> None:
+        load = measured.load
         latencies = load.latencies_ms()
         out.add(
             name,
@@ -140,34 +172,35 @@ def table(result: Result, options: Options) -> Table:
             percentile(latencies, 0.95),
             percentile(latencies, 0.99),
             load.errors,
+            measured.cpu_ms_per_message,
+            measured.redis_per_message,
             ratio(load.rate, ceiling) if ceiling else "",
         )
 
-    echo_rate = result.echo_saturation.rate
+    echo_rate = result.echo_saturation.load.rate
+    pipeline_rate = result.pipeline_saturation.load.rate
     row("ceiling: bare WebSocket echo, saturated", result.echo_saturation, None)
     row("pipeline, saturated", result.pipeline_saturation, echo_rate)
     row(f"echo at {result.offered:.0f} msg/s offered", result.echo_half, None)
     row(f"pipeline at {result.offered:.0f} msg/s offered (half)", result.pipeline_half, None)
     if result.xadd_per_s is None:
-        out.add("ceiling: redis-benchmark XADD", "not installed", "", "", "", "", "")
+        out.add("ceiling: redis-benchmark XADD", "not installed", *[""] * 7)
     else:
-        out.add(
-            "ceiling: redis-benchmark XADD (-c 50)",
-            result.xadd_per_s,
-            "",
-            "",
-            "",
-            "",
-            "",
-        )
-        out.notes.append(
-            f"pipeline messages/s are {ratio(result.pipeline_saturation.rate, result.xadd_per_s)} "
-            "of the XADD rate (each message costs about a dozen Redis calls, see docs)"
-        )
-    p99 = percentile(result.pipeline_half.latencies_ms(), 0.99)
+        out.add("ceiling: redis-benchmark XADD (-c 50)", result.xadd_per_s, *[""] * 6,
+                ratio(pipeline_rate, result.xadd_per_s))  # fmt: skip
+    cpu = result.pipeline_saturation.cpu.used
+    done = max(len(result.pipeline_saturation.load.ok), 1)
     out.notes.append(
-        f"goal: pipeline >= 50% of echo -> {ratio(result.pipeline_saturation.rate, echo_rate)}; "
-        f"p99 at half load < 10 ms -> {p99:.1f} ms"
+        "CPU ms per message at saturation, by process: "
+        + ", ".join(f"{name} {1000 * seconds / done:.2f}" for name, seconds in cpu.items())
+    )
+    echo_cpu = result.echo_saturation.cpu_ms_per_message
+    pipeline_cpu = result.pipeline_saturation.cpu_ms_per_message
+    p99 = percentile(result.pipeline_half.load.latencies_ms(), 0.99)
+    out.notes.append(
+        f"goal: pipeline >= 50% of echo messages/s -> {ratio(pipeline_rate, echo_rate)} "
+        f"(by CPU per message, less sensitive to a loaded machine: "
+        f"{ratio(echo_cpu, pipeline_cpu)}); p99 at half load < 10 ms -> {p99:.1f} ms"
     )
     out.notes.append(machine_line())
     return out

@@ -25,8 +25,11 @@ from types import TracebackType
 from typing import Self
 
 import httpx
+import redis
 
 from launcher.redis_server import EmbeddedRedis, free_port
+
+__all__ = ["free_port"]  # re-exported for the benchmarks
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +78,14 @@ class Table:
             for i, column in enumerate(self.columns)
         ]
         lines = [f"### {self.title}", ""]
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(self.columns, widths)) + " |")
+        lines.append(
+            "| " + " | ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)) + " |"
+        )
         lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for row in self.rows:
-            lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+            lines.append(
+                "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+            )
         if self.notes:
             lines.append("")
             lines.extend(f"- {note}" for note in self.notes)
@@ -133,12 +140,51 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the file)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by some processes between `start()` and `stop()`, by name; with
+    `redis_port`, also the commands Redis processed meanwhile (INFO stats)."""
+
+    def __init__(self, pids: dict[str, int], redis_port: int | None = None) -> None:
+        self.pids = pids
+        self.redis_port = redis_port
+        self._before: dict[str, float] = {}
+        self._commands_before = 0
+        self.used: dict[str, float] = {}
+        self.redis_commands = 0
+
+    def _commands(self) -> int:
+        if self.redis_port is None:
+            return 0
+        client = redis.Redis(port=self.redis_port)
+        try:
+            return int(client.info("stats")["total_commands_processed"])
+        finally:
+            client.close()
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._commands_before = self._commands()
+
+    def stop(self) -> None:
+        self.used = {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
+        self.redis_commands = self._commands() - self._commands_before
+
+    @property
+    def total(self) -> float:
+        return sum(self.used.values())
+
+
 class Child:
     """A Python child process (`python -m module ...`) with its output in a log file."""
 
-    def __init__(
-        self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path
-    ) -> None:
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
@@ -273,7 +319,9 @@ class Bench:
 
     def worker(self, env: dict[str, str]) -> Child:
         """`python -m worker` (logging at INFO, which has no per-message lines)."""
-        child = self.start(f"worker-{uuid.uuid4().hex[:6]}", ["worker"], {**env, "LOG_LEVEL": "INFO"})
+        child = self.start(
+            f"worker-{uuid.uuid4().hex[:6]}", ["worker"], {**env, "LOG_LEVEL": "INFO"}
+        )
         return child
 
     def wait_workers(self, workers: Sequence[Child], timeout: float = 120.0) -> None:
