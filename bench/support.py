@@ -277,10 +277,10 @@ class Bench:
     ) -> None:
         self.stop_children(self.children)
         self.redis.stop()
-        if exc is None:
+        if exc is None and not os.environ.get("BENCH_KEEP_LOGS"):
             shutil.rmtree(self._tmp, ignore_errors=True)
         else:
-            logger.error("benchmark failed; logs kept in %s", self._tmp)
+            logger.warning("process logs kept in %s", self._tmp)
 
     def new_prefix(self) -> str:
         return f"bench-{uuid.uuid4().hex[:8]}"
