@@ -46,6 +46,7 @@ class Timing:
     first_token_ms: float
     tokens: int
     tokens_per_s: float
+    ack_ms: float = float("nan")  # through the stack: the message stored, queued, announced
 
 
 def _rate(tokens: int, first: float, last: float) -> float:
@@ -102,6 +103,7 @@ async def _through_stack(http: str) -> Timing:
         1000 * (reply.first_token - reply.sent),
         reply.tokens,
         _rate(reply.tokens, reply.first_token, reply.last_token),
+        1000 * (reply.acked - reply.sent) if reply.acked is not None else float("nan"),
     )
 
 
@@ -154,6 +156,11 @@ def table(result: Result, options: Options) -> Table:
     out.notes.append(
         f"goal: >= 95% of the model's tokens/s -> {ratio(stack_rate, model_rate)}; "
         f"< 5 ms added to the first token -> {added:.1f} ms"
+    )
+    out.notes.append(
+        f"of the stack's first token, {median([t.ack_ms for t in result.stack]):.1f} ms (median)"
+        " pass before the client has the `ack` (server, Lua script, Pub/Sub back); the rest is"
+        " the worker's read, lease, history, model and the token's way back"
     )
     out.notes.append(
         "per round (model / stack tokens/s): "
