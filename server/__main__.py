@@ -22,6 +22,9 @@ def main() -> None:
         port=settings.server_port,
         workers=settings.server_workers,
         ws_max_size=WS_MAX_FRAME_BYTES,
+        # Browsers offer permessage-deflate; accepting it costs a zlib context per socket
+        # (about 34 KiB, docs/benchmarks.md) for frames that are a few hundred bytes of JSON.
+        ws_per_message_deflate=False,
         log_config=None,
         access_log=False,
         # X-Forwarded-For is honoured by the app itself, from FORWARDED_ALLOW_IPS only.

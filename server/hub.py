@@ -39,51 +39,72 @@ class CloseSocket:
 
 
 class Subscription:
-    """The outgoing frames of one socket: events from Redis and the server's own replies."""
+    """The outgoing frames of one socket: events from Redis and the server's own replies.
+
+    A deque and at most one waiting future: one server holds thousands of idle sockets, and
+    an asyncio.Queue (three deques and an Event each) cost about 2 KiB more per socket. The
+    bookkeeping for frames held until an ack (`put_after_ack`) is made on first use, so an
+    idle socket does not pay for it.
+    """
+
+    __slots__ = ("_acked", "_after_ack", "_frames", "_max_pending", "_waiter", "overflowed")
 
     MAX_HELD = 100  # frames waiting for their ack (a lost ack must not keep them forever)
 
     def __init__(self, max_pending: int) -> None:
-        self._queue: asyncio.Queue[str | CloseSocket] = asyncio.Queue(max_pending)
-        self._after_ack: dict[str, str] = {}  # message id -> frame to send after its ack
-        self._next: list[str] = []
+        self._frames: collections.deque[str | CloseSocket] = collections.deque()
+        self._max_pending = max_pending
+        self._waiter: asyncio.Future[None] | None = None
+        self._after_ack: dict[str, str] | None = None  # message id -> frame to send after its ack
         # Ids of the latest acks sent (a frame may be put after its ack went out).
-        self._acked: collections.deque[str] = collections.deque(maxlen=self.MAX_HELD)
+        self._acked: collections.deque[str] | None = None
         self.overflowed = False
 
     def put(self, frame: str | CloseSocket) -> None:
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if len(self._frames) >= self._max_pending:
             self.overflowed = True
+        else:
+            self._frames.append(frame)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def put_after_ack(self, message_id: str, frame: str) -> None:
         """Send `frame` right after the ack of `message_id` (which comes through Pub/Sub and
         may not have arrived yet), or now if it has passed already."""
-        if message_id in self._acked:
+        if self._acked is not None and message_id in self._acked:
             self.put(frame)
             return
+        if self._after_ack is None:
+            self._after_ack = {}
         if len(self._after_ack) >= self.MAX_HELD:
             self._after_ack.pop(next(iter(self._after_ack)))
         self._after_ack[message_id] = frame
 
     async def get(self) -> str | CloseSocket:
-        if self.overflowed:
-            raise SubscriptionOverflow
-        if self._next:
-            return self._next.pop(0)
-        frame = await self._queue.get()
-        if isinstance(frame, str) and frame.startswith('{"type":"ack"'):
-            self._note_ack(frame)
-        return frame
+        """The next frame, in order; raises SubscriptionOverflow once a frame was dropped."""
+        while True:
+            if self.overflowed:
+                raise SubscriptionOverflow
+            if self._frames:
+                frame = self._frames.popleft()
+                if isinstance(frame, str) and frame.startswith('{"type":"ack"'):
+                    self._note_ack(frame)
+                return frame
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def _note_ack(self, frame: str) -> None:
         # Cheap: acks are `{"type":"ack","id":"<uuid>",...}`; no JSON parsing needed.
         message_id = frame[len('{"type":"ack","id":"') :][:36]
+        if self._acked is None:
+            self._acked = collections.deque(maxlen=self.MAX_HELD)
         self._acked.append(message_id)
-        held = self._after_ack.pop(message_id, None)
+        held = self._after_ack.pop(message_id, None) if self._after_ack else None
         if held is not None:
-            self._next.append(held)
+            self._frames.appendleft(held)  # the very next frame, right after its ack
 
 
 class EventHub:

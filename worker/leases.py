@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from core.keys import Keys
 from core.models import new_id, short
@@ -51,9 +52,23 @@ class LeaseManager:
         self.held.add(lease)
         return lease
 
-    async def release(self, lease: SessionLease) -> None:
+    async def release(self, lease: SessionLease, ack: tuple[str, str, str] | None = None) -> None:
+        """Give the lease up if it is still ours. `ack` (stream, group, entry id): acknowledge
+        that entry in the same round trip, after the release."""
         self.held.discard(lease)
-        await self._release(keys=[lease.key], args=[lease.owner])
+        if ack is None:
+            await self._release(keys=[lease.key], args=[lease.owner])
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._release.sha, 1, lease.key, lease.owner)
+            pipe.xack(*ack)
+            try:
+                await pipe.execute()
+            except NoScriptError:
+                # Redis does not know the script yet (first use, or it restarted): both
+                # commands are idempotent, so load it and do them again one by one.
+                await self._release(keys=[lease.key], args=[lease.owner])
+                await self._redis.xack(*ack)
 
     async def renew_all(self) -> None:
         """Extend every held lease; a lease found taken over is flagged lost."""

@@ -56,21 +56,33 @@ class Responder:
         reply instead of one more attempt that may kill this worker too.
         """
         while True:
-            messages = await self._store.messages(token)
-            if messages is None:
-                logger.info("session %s is gone; nothing to answer", short(token))
+            # Listen first, then look: a stop arriving between the two is not missed.
+            stop = asyncio.Event()
+            self.stop_signals[token] = stop
+            try:
+                messages, stopped_at = await self._store.messages_and_stop(token)
+                if messages is None:
+                    logger.info("session %s is gone; nothing to answer", short(token))
+                    return
+                position = {m.id: i for i, m in enumerate(messages)}
+                if message_id not in position:
+                    logger.warning("message %s is not in session %s", message_id, short(token))
+                    return
+                due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
+                if not due:
+                    return
+                if poisoned and due[0].id == message_id:
+                    await self._give_up(token, due[0], lease)
+                    return
+                if stopped_at is not None and stopped_at >= due[0].timestamp:
+                    stop.set()  # stopped before generation started
+                await self._answer(token, messages, due[0], lease, stop)
+            finally:
+                if self.stop_signals.get(token) is stop:
+                    del self.stop_signals[token]
+            if due[0].id == message_id:
+                # The target was the last one due: no need to read the history again.
                 return
-            position = {m.id: i for i, m in enumerate(messages)}
-            if message_id not in position:
-                logger.warning("message %s is not in session %s", message_id, short(token))
-                return
-            due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
-            if not due:
-                return
-            if poisoned and due[0].id == message_id:
-                await self._give_up(token, due[0], lease)
-                return
-            await self._answer(token, messages, due[0], lease)
 
     async def _give_up(self, token: str, human: Message, lease: SessionLease) -> None:
         logger.error("giving up on message %s of session %s", human.id, short(token))
@@ -87,21 +99,17 @@ class Responder:
         await self._store_reply(token, reply, lease)
 
     async def _answer(
-        self, token: str, messages: Sequence[Message], human: Message, lease: SessionLease
+        self,
+        token: str,
+        messages: Sequence[Message],
+        human: Message,
+        lease: SessionLease,
+        stop: asyncio.Event,
     ) -> None:
         history = conversation_until(messages, human.id)[-self._settings.history_messages :]
         reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=human.id)
         parts: list[str] = []
-        stop = asyncio.Event()
-        # Listen first, then look: a stop arriving between the two is not missed.
-        self.stop_signals[token] = stop
-        try:
-            stopped_at = await self._store.stop_requested_at(token)
-            if stopped_at is not None and stopped_at >= human.timestamp:
-                stop.set()  # stopped before generation started
-            outcome = await self._generate(token, reply, history, parts, stop, lease)
-        finally:
-            self.stop_signals.pop(token, None)
+        outcome = await self._generate(token, reply, history, parts, stop, lease)
         if outcome == "lease_lost":
             raise LeaseLost(token)
         reply.msg = "".join(parts).strip()

@@ -361,9 +361,11 @@ class Worker:
             try:
                 async with self._slots:
                     await self._responder.answer_through(token, message_id, lease, poisoned)
-            finally:
+            except BaseException:
                 await self._leases.release(lease)
-            await self._redis.xack(self.keys.requests, self.keys.group, entry_id)
+                raise
+            # Released, then acknowledged: one round trip.
+            await self._leases.release(lease, ack=(self.keys.requests, self.keys.group, entry_id))
             self.handled += 1
         except LeaseLost:
             logger.warning(

@@ -14,7 +14,7 @@ from core.keys import Keys
 from core.models import new_id
 from core.redis import create_redis
 from launcher.redis_server import EmbeddedRedis, free_port
-from server.hub import RESYNC_CODE, CloseSocket, EventHub, Subscription
+from server.hub import RESYNC_CODE, CloseSocket, EventHub, Subscription, SubscriptionOverflow
 from tests.conftest import make_settings
 
 
@@ -73,6 +73,25 @@ async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
         await hub.aclose()
 
 
+async def test_subscription_hands_frames_out_in_order_and_wakes_a_waiting_sender() -> None:
+    outbox = Subscription(max_pending=10)
+    waiting = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)  # the sender now waits on an empty outbox
+    outbox.put("first")
+    outbox.put(CloseSocket(1000, "bye"))
+    assert await asyncio.wait_for(waiting, timeout=5) == "first"
+    assert await outbox.get() == CloseSocket(1000, "bye")
+
+
+async def test_subscription_overflow_drops_the_rest_and_raises() -> None:
+    outbox = Subscription(max_pending=2)
+    for frame in ("a", "b", "c"):
+        outbox.put(frame)
+    assert outbox.overflowed
+    with pytest.raises(SubscriptionOverflow):
+        await outbox.get()
+
+
 async def test_sockets_are_told_to_resync_after_redis_comes_back(tmp_path: Path) -> None:
     port = free_port()
     keys = Keys("resync")
@@ -116,8 +135,16 @@ async def test_a_frame_put_after_its_ack_went_out_is_sent_at_once() -> None:
     assert await outbox.get() == "late notice"
 
 
+def test_an_idle_socket_has_no_ack_bookkeeping() -> None:
+    outbox = Subscription(100)
+    outbox.put("token event")
+    assert outbox._after_ack is None
+    assert outbox._acked is None
+
+
 async def test_frames_waiting_for_lost_acks_are_bounded() -> None:
     outbox = Subscription(100)
     for _ in range(Subscription.MAX_HELD + 50):
         outbox.put_after_ack(new_id(), "never")
+    assert outbox._after_ack is not None
     assert len(outbox._after_ack) == Subscription.MAX_HELD

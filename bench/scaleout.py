@@ -1,0 +1,124 @@
+"""Scale-out: throughput with 1, 2, 4 workers and 1, 2 servers when the model takes 200 ms.
+
+`python -m bench.scaleout [--quick] [--sessions N] [--seconds S] [--delay D]`
+
+The bench model server answers every request after a fixed delay, so a worker that keeps many
+generations in flight (WORKER_CONCURRENCY, 8 by default) is not limited by the model. N
+sessions, spread over the servers, each send their next message as soon as the last one is
+answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) / delay replies/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.client import ChatSocket, LoadResult, closed_loop, new_sessions
+from bench.support import Bench, Table, machine_line, percentile, quiet_logging, ratio, stack_env
+from core.config import Settings
+
+SLOTS = Settings(_env_file=None).worker_concurrency
+
+
+@dataclass(frozen=True)
+class Options:
+    sessions: int = 64
+    seconds: float = 6.0
+    delay: float = 0.2
+    layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2))
+
+
+QUICK = Options(sessions=8, seconds=1.5, layouts=((1, 1),))
+
+
+@dataclass
+class Row:
+    workers: int
+    servers: int
+    load: LoadResult
+
+    def ceiling(self, options: Options) -> float:
+        return min(options.sessions, self.workers * SLOTS) / options.delay
+
+
+async def _drive(urls: Sequence[str], options: Options) -> LoadResult:
+    tokens = await new_sessions(urls[0], options.sessions)
+    sockets = [
+        await ChatSocket.open(urls[i % len(urls)].replace("http://", "ws://"), token)
+        for i, token in enumerate(tokens)
+    ]
+    try:
+        return await closed_loop(sockets, options.seconds, warmup=2 * options.delay)
+    finally:
+        await asyncio.gather(*(s.close() for s in sockets))
+
+
+def run(options: Options) -> list[Row]:
+    rows = []
+    with Bench("scaleout") as bench:
+        _model, model_url = bench.model_server(delay=options.delay)
+        for workers, servers in options.layouts:
+            env = stack_env(
+                bench.redis.url,
+                bench.new_prefix(),
+                MODEL_BACKEND="openai",
+                OPENAI_BASE_URL=model_url,
+                MODEL_TIMEOUT_SECONDS="30",
+            )
+            started = [bench.worker(env) for _ in range(workers)]
+            server_children = [bench.server(env) for _ in range(servers)]
+            bench.wait_workers(started)
+            load = asyncio.run(_drive([url for _, url in server_children], options))
+            rows.append(Row(workers, servers, load))
+            bench.stop_children(started + [child for child, _ in server_children])
+    return rows
+
+
+def table(rows: Sequence[Row], options: Options) -> Table:
+    out = Table(
+        f"Scale-out: model replies after {1000 * options.delay:.0f} ms, {options.sessions} "
+        f"sessions, WORKER_CONCURRENCY={SLOTS}",
+        ["workers", "servers", "replies/s", "p50 ms", "p99 ms", "errors", "ceiling/s",
+         "vs ceiling", "vs 1 worker 1 server"],
+    )  # fmt: skip
+    base = rows[0].load.rate if rows else 0.0
+    for row in rows:
+        latencies = row.load.latencies_ms()
+        ceiling = row.ceiling(options)
+        out.add(
+            row.workers,
+            row.servers,
+            row.load.rate,
+            percentile(latencies, 0.5),
+            percentile(latencies, 0.99),
+            row.load.errors,
+            ceiling,
+            ratio(row.load.rate, ceiling),
+            f"{row.load.rate / base:.2f}x" if base else "n/a",
+        )
+    out.notes.append(machine_line())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--sessions", type=int)
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--delay", type=float)
+    args = parser.parse_args(argv)
+    options = QUICK if args.quick else Options()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("sessions", "seconds", "delay")
+        if getattr(args, name) is not None
+    }
+    options = Options(**{**options.__dict__, **overrides})
+    with quiet_logging():
+        table(run(options), options).print()
+
+
+if __name__ == "__main__":
+    main()

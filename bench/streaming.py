@@ -1,0 +1,190 @@
+"""Streaming with the local model: tokens/s the client receives against the model alone.
+
+`python -m bench.streaming [--quick] [--rounds R] [--tokens M]`
+
+Alternates, R times, two measurements of the same generation (same prompt, temperature 0,
+at most M tokens, the worker's own llama.cpp settings):
+
+- the model alone: llama-cpp-python in this process, as `worker/backends/local.py` calls it;
+- through the whole stack: a new session over a real socket to `python -m server`, Redis and
+  `python -m worker` with MODEL_BACKEND=local, timing the `token` events the client receives.
+
+Tokens/s = (tokens - 1) / (last token - first token); time to first token from the call (model)
+or from sending the message (client). Medians over the rounds are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.client import ChatSocket, new_sessions
+from bench.support import Bench, Table, machine_line, median, quiet_logging, ratio, stack_env
+from core.config import Settings
+from core.models import Message, Source
+from core.prompt import chat_turns
+from worker.backends.local import default_model_path
+
+PROMPT = "Write a short story about a lighthouse keeper and a cat."
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int = 5
+    tokens: int = 200
+
+
+QUICK = Options(rounds=1, tokens=16)
+
+
+@dataclass
+class Timing:
+    first_token_ms: float
+    tokens: int
+    tokens_per_s: float
+    ack_ms: float = float("nan")  # through the stack: the message stored, queued, announced
+
+
+def _rate(tokens: int, first: float, last: float) -> float:
+    return (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+
+
+class ModelAlone:
+    def __init__(self, settings: Settings) -> None:
+        from llama_cpp import Llama
+
+        self._settings = settings
+        self._llm = Llama(
+            model_path=str(settings.local_model_path or default_model_path()),
+            n_ctx=settings.local_context_tokens,
+            n_threads=settings.local_threads,
+            verbose=False,
+        )
+        history = [Message(source=Source.HUMAN, msg=PROMPT)]
+        self._turns: Any = chat_turns(history, settings.system_prompt)
+
+    def generate(self) -> Timing:
+        start = time.perf_counter()
+        first = last = 0.0
+        tokens = 0
+        for chunk in self._llm.create_chat_completion(
+            messages=self._turns,
+            stream=True,
+            max_tokens=self._settings.model_max_new_tokens,
+            temperature=self._settings.model_temperature,
+        ):
+            delta: Any = chunk["choices"][0]["delta"]  # type: ignore[index]
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                last = time.perf_counter()
+                if not tokens:
+                    first = last
+                tokens += 1
+        return Timing(1000 * (first - start), tokens, _rate(tokens, first, last))
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+async def _through_stack(http: str) -> Timing:
+    (token,) = await new_sessions(http, 1)
+    chat = await ChatSocket.open(http.replace("http://", "ws://"), token)
+    try:
+        reply = await chat.ask(PROMPT)
+    finally:
+        await chat.close()
+    if reply.error is not None or reply.first_token is None or reply.last_token is None:
+        raise RuntimeError(f"the stack did not stream a reply: {reply.error}")
+    return Timing(
+        1000 * (reply.first_token - reply.sent),
+        reply.tokens,
+        _rate(reply.tokens, reply.first_token, reply.last_token),
+        1000 * (reply.acked - reply.sent) if reply.acked is not None else float("nan"),
+    )
+
+
+@dataclass
+class Result:
+    model: list[Timing]
+    stack: list[Timing]
+
+
+def run(options: Options) -> Result:
+    overrides = {"MODEL_TEMPERATURE": "0", "MODEL_MAX_NEW_TOKENS": str(options.tokens)}
+    settings = Settings(
+        _env_file=None,
+        model_temperature=0,
+        model_max_new_tokens=options.tokens,
+    )
+    result = Result([], [])
+    with Bench("streaming") as bench:
+        env = stack_env(bench.redis.url, bench.new_prefix(), MODEL_BACKEND="local", **overrides)
+        worker = bench.worker(env)
+        _server, http = bench.server(env)
+        bench.wait_workers([worker])
+        model = ModelAlone(settings)
+        try:
+            model.generate()  # warm-up, as the worker's first reply below
+            asyncio.run(_through_stack(http))
+            for _ in range(options.rounds):
+                result.model.append(model.generate())
+                result.stack.append(asyncio.run(_through_stack(http)))
+        finally:
+            model.close()
+    return result
+
+
+def table(result: Result, options: Options) -> Table:
+    out = Table(
+        f"Streaming: SmolLM2-135M (llama.cpp), temperature 0, up to {options.tokens} tokens, "
+        f"median of {options.rounds} round(s)",
+        ["measure", "tokens", "tokens/s", "first token ms", "vs model alone"],
+    )
+    model_rate = median([t.tokens_per_s for t in result.model])
+    model_first = median([t.first_token_ms for t in result.model])
+    stack_rate = median([t.tokens_per_s for t in result.stack])
+    stack_first = median([t.first_token_ms for t in result.stack])
+    out.add("model alone (in-process)", median([t.tokens for t in result.model]), model_rate,
+            model_first, "")  # fmt: skip
+    out.add("client through server, Redis, worker", median([t.tokens for t in result.stack]),
+            stack_rate, stack_first, ratio(stack_rate, model_rate))  # fmt: skip
+    added = stack_first - model_first
+    out.notes.append(
+        f"goal: >= 95% of the model's tokens/s -> {ratio(stack_rate, model_rate)}; "
+        f"< 5 ms added to the first token -> {added:.1f} ms"
+    )
+    out.notes.append(
+        f"of the stack's first token, {median([t.ack_ms for t in result.stack]):.1f} ms (median)"
+        " pass before the client has the `ack` (server, Lua script, Pub/Sub back); the rest is"
+        " the worker's read, lease, history, model and the token's way back"
+    )
+    out.notes.append(
+        "per round (model / stack tokens/s): "
+        + ", ".join(
+            f"{m.tokens_per_s:.0f}/{s.tokens_per_s:.0f}"
+            for m, s in zip(result.model, result.stack, strict=True)
+        )
+    )
+    out.notes.append(machine_line())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--tokens", type=int)
+    args = parser.parse_args(argv)
+    options = QUICK if args.quick else Options()
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("tokens", args.tokens)) if v}
+    options = Options(**{**options.__dict__, **overrides})
+    with quiet_logging():
+        table(run(options), options).print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Each benchmark's core in its smallest configuration, so the benches do not rot.
+
+These start real processes (Redis, server, worker, the bench model server) on loopback, like
+the benches themselves. They check that every measurement happened and the table renders;
+they assert nothing about speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import idle_sockets, pipeline, scaleout, streaming
+from bench.support import Table, percentile
+
+pytestmark = pytest.mark.slow
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([5.0], 0.99) == 5.0
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_table_renders_rows_and_notes() -> None:
+    table = Table("t", ["a", "b"])
+    table.add("x", 1234.5)
+    table.notes.append("note")
+    assert table.render().splitlines() == [
+        "### t",
+        "",
+        "| a | b       |",
+        "|---|---------|",
+        "| x | 1,234.5 |",
+        "",
+        "- note",
+    ]
+
+
+def test_pipeline_bench_smallest() -> None:
+    options = pipeline.Options(sessions=2, seconds=0.5, xadd_requests=1000)
+    result = pipeline.run(options)
+    for measured in (result.echo_saturation, result.pipeline_saturation, result.pipeline_half):
+        assert measured.load.ok and measured.load.errors == 0
+    assert result.pipeline_saturation.cpu.redis_commands > 0
+    assert "pipeline, saturated" in pipeline.table(result, options).render()
+
+
+def test_idle_sockets_bench_smallest() -> None:
+    options = idle_sockets.Options(sockets=20, settle_seconds=0.1, compression=(False,))
+    (result,) = idle_sockets.run(options)
+    assert result.opened == 20 and result.failed == 0
+    assert result.ack_ms is not None
+    assert "KiB per socket" in idle_sockets.table([result], options).render()
+
+
+def test_streaming_bench_smallest() -> None:
+    options = streaming.Options(rounds=1, tokens=4)
+    result = streaming.run(options)
+    assert result.model[0].tokens > 0 and result.stack[0].tokens > 0
+    assert "model alone" in streaming.table(result, options).render()
+
+
+def test_scaleout_bench_smallest() -> None:
+    options = scaleout.Options(sessions=2, seconds=0.5, delay=0.05, layouts=((1, 1),))
+    (row,) = scaleout.run(options)
+    assert row.load.ok and row.load.errors == 0
+    assert "replies/s" in scaleout.table([row], options).render()
