@@ -9,21 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from core.config import Settings
 from core.keys import Keys
 from core.redis import create_redis
+from launcher.redis_server import EmbeddedRedis, free_port
 from tests.conftest import make_settings
 from tests.support.cluster import Cluster, drive, users
-from tests.support.model_servers import ModelServer, ModelServerBehaviour
+from tests.support.model_servers import (
+    CutStream,
+    Fault,
+    Hang,
+    HttpError,
+    Loading,
+    ModelServer,
+    ModelServerBehaviour,
+    RateLimited,
+)
 from tests.support.processes import settings_env
 
 pytestmark = pytest.mark.slow
+
+OUTAGE = float(os.environ.get("FAULT_OUTAGE", "2.0"))
 
 
 @pytest.fixture
@@ -143,3 +160,193 @@ async def test_servers_restarted_under_load(cluster: Cluster, model: ModelServer
     run.assert_clean(history_only=False)
     assert done_early == [False], "the load ended before the faults"
     assert run.reconnects >= len(people), "every client had a socket on a restarted server"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own (port and data folder), so it can be stopped and restarted."""
+    with EmbeddedRedis(free_port(), tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_redis_restarted_under_load(
+    how: str, own_redis: EmbeddedRedis, model: ModelServer, tmp_path: Path
+) -> None:
+    """Stop Redis (SIGTERM: a clean shutdown; SIGKILL: a crash of the process) while 10
+    sessions chat, and start it again on the same port and data folder (AOF). Sessions, their
+    TTLs, the request stream and its pending entries survive; servers and workers ride out the
+    outage and reconnect by themselves; /readyz says 503 during it and 200 after; no message
+    that was acknowledged is lost, and the ones refused meanwhile were refused clearly."""
+    model.behaviour.token_delay = 0.05
+    settings = make_settings(own_redis.url, openai_base_url=model.openai_base_url)
+    keys = Keys(settings.key_prefix)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cluster = Cluster(settings_env(settings, MODEL_MAX_RETRIES="2"), logs)
+    people = users(10, cluster, gap=0.4)
+    seen: dict[str, object] = {}
+
+    async def restart_redis(done: asyncio.Event) -> None:
+        await asyncio.sleep(1.5)
+        before = await _snapshot(settings, keys, [u.token for u in people])
+        if how == "SIGTERM":
+            await asyncio.to_thread(own_redis.stop)
+        else:
+            own_redis.kill()
+        stopped = asyncio.get_running_loop().time()
+        # The outage is visible on /readyz, and nobody exits over it.
+        seen["readyz during"] = await _readyz_all(cluster, want=503)
+        await asyncio.sleep(max(0.0, OUTAGE - (asyncio.get_running_loop().time() - stopped)))
+        assert all(c.process.poll() is None for c in [*cluster.servers, *cluster.workers])
+        await asyncio.to_thread(own_redis.start)
+        seen["outage seconds"] = round(asyncio.get_running_loop().time() - stopped, 1)
+        seen["readyz after"] = await _readyz_all(cluster, want=200)
+        after = await _snapshot(settings, keys, [u.token for u in people])
+        seen["before"], seen["after"] = before, after
+
+    try:
+        await asyncio.gather(cluster.add_server(), cluster.add_server())
+        await asyncio.gather(cluster.add_worker(), cluster.add_worker())
+        run = await drive(f"Redis {how}, restarted (AOF)", people, 6, during=restart_redis)
+        unavailable = sum(u.unavailable for u in people)
+        run.notes = f"outage {seen['outage seconds']} s; {unavailable} service_unavailable"
+        run.assert_clean(history_only=False)
+        assert seen["readyz during"] == [503, 503]
+        assert seen["readyz after"] == [200, 200]
+        before, after = seen["before"], seen["after"]
+        assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
+        # Every session survived with a sane TTL; the stream kept its entries and the test's
+        # own pending entry is still pending.
+        assert all(0 < ttl <= settings.session_ttl_seconds for ttl in after.ttls), after
+        assert after.length >= before.length
+        assert after.probe_pending == 1
+        # Both kinds of process rode it out, and fresh sessions are served live afterwards.
+        assert all(c.process.poll() is None for c in [*cluster.servers, *cluster.workers])
+        fresh = await drive(f"after Redis {how}: new sessions", users(4, cluster), 3)
+        fresh.assert_clean()
+    finally:
+        cluster.stop()
+
+
+@dataclass
+class Snapshot:
+    ttls: list[int]
+    length: int
+    probe_pending: int
+
+
+async def _snapshot(settings: Settings, keys: Keys, tokens: list[str]) -> Snapshot:
+    """Session TTLs, the request stream's length, and a pending entry of a probe group (made
+    on the first call): an entry delivered and never acknowledged, as a dead worker leaves."""
+    redis = create_redis(settings)
+    probe = f"{settings.key_prefix}:fault-probe"
+    try:
+        if not await redis.exists(probe):
+            await redis.xadd(probe, {"n": "1"})
+            await redis.xgroup_create(probe, "g", id="0")
+            await redis.xreadgroup("g", "dead-worker", {probe: ">"}, count=1)
+        ttls = [int(await redis.ttl(keys.session(token))) for token in tokens]
+        length = int(await redis.xlen(keys.requests))
+        pending: Any = await redis.xpending(probe, "g")
+        return Snapshot(ttls, length, int(pending["pending"]))
+    finally:
+        await redis.aclose()
+
+
+async def _readyz_all(cluster: Cluster, want: int, timeout: float = 30.0) -> list[int]:
+    """Poll every server's /readyz until it answers `want` (or the timeout): the last codes."""
+    codes: list[int] = []
+    async with httpx.AsyncClient(timeout=15) as client:
+        for server in cluster.servers:
+            deadline = asyncio.get_running_loop().time() + timeout
+            code = 0
+            while code != want and asyncio.get_running_loop().time() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    code = (await client.get(f"{server.url}/readyz")).status_code
+                if code != want:
+                    await asyncio.sleep(0.2)
+            codes.append(code)
+    return codes
+
+
+# Standing faults of the model server, keyed by a marker in the message, and the error each
+# message must end in (None: a normal, if slow, reply).
+MODEL_FAULTS: dict[str, tuple[Fault, str | None]] = {
+    "FAULT-500": (HttpError(500), "model_unavailable"),
+    "FAULT-503": (Loading(estimated_time=0.3), "model_unavailable"),
+    "FAULT-429": (RateLimited(retry_after=1), "model_unavailable"),
+    "FAULT-400": (HttpError(400, "Bad request"), "model_error"),
+    "FAULT-CUT": (CutStream(after_pieces=2), "model_error"),
+    "FAULT-HANG": (Hang(60), "timeout"),
+    "FAULT-SLOW": (Hang(1.5), None),
+}
+
+
+async def test_model_faults_end_in_a_reply_or_an_error(
+    fault_settings: Settings, model: ModelServer, tmp_path: Path
+) -> None:
+    """One worker; seven sessions whose messages meet a model fault each (500, 503 loading,
+    429, 400, a stream cut in the middle, a hang past the timeout, a slow answer) and six
+    healthy sessions alongside. Every message ends in its reply or a clear error entry and
+    event, nothing hangs, and the healthy sessions are answered while the faulty ones wait."""
+    model.behaviour.faults_for = {marker: fault for marker, (fault, _) in MODEL_FAULTS.items()}
+    env = settings_env(fault_settings, MODEL_MAX_RETRIES="2", MODEL_TIMEOUT_SECONDS="4")
+    cluster = Cluster(env, tmp_path)
+    markers = list(MODEL_FAULTS)
+    healthy = 6
+
+    def text_for(n: int, count: int) -> list[str]:
+        label = markers[n] if n < len(markers) else "healthy"
+        return [f"{label} session {n} message {m}" for m in range(count)]
+
+    def expected(text: str) -> str | None:
+        marker = text.split()[0]
+        if marker in MODEL_FAULTS and MODEL_FAULTS[marker][1] is not None:
+            return None
+        return f"echo: {text}"
+
+    try:
+        await cluster.add_server()
+        await cluster.add_worker()
+        people = users(len(markers) + healthy, cluster)
+        run = await drive(
+            "model faults: 500, 503, 429, 400, cut stream, hang, slow",
+            people,
+            2,
+            text_for=text_for,
+            expected=expected,
+        )
+    finally:
+        cluster.stop()
+    run.notes = f"1 worker; {len(markers)} faulty + {healthy} healthy sessions"
+    run.assert_clean()
+    want = Counter(code for _, code in MODEL_FAULTS.values() if code is not None)
+    assert run.errors == {code: 2 * count for code, count in want.items()}
+    # Each error reached the sockets as an error event naming its message.
+    for person in people[: len(markers)]:
+        code = MODEL_FAULTS[person.texts[0].split()[0]][1]
+        finals = [f for f in person.finals.values() if f["type"] == "error"]
+        assert [f["code"] for f in finals] == [code] * 2 if code else not finals
+    # The healthy sessions did not wait for the hung one.
+    hung = people[markers.index("FAULT-HANG")]
+    assert max(p.finished_at for p in people[len(markers) :]) < hung.finished_at
+
+
+async def test_model_down_every_message_gets_an_error(redis_url: str, tmp_path: Path) -> None:
+    """Nothing listens at the model's address: every message ends in a `model_unavailable`
+    error entry and event after the retries, none hangs, and the worker stays up."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    settings = make_settings(redis_url, openai_base_url=dead)
+    cluster = Cluster(settings_env(settings, MODEL_MAX_RETRIES="2"), tmp_path)
+    try:
+        await cluster.add_server()
+        worker = await cluster.add_worker()
+        run = await drive(
+            "model down (connection refused)", users(4, cluster), 2, expected=lambda _: None
+        )
+        assert worker.process.poll() is None
+    finally:
+        cluster.stop()
+    run.assert_clean()
+    assert run.errors == {"model_unavailable": 8}
