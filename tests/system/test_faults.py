@@ -197,6 +197,9 @@ async def test_redis_restarted_under_load(
         stopped = asyncio.get_running_loop().time()
         # The outage is visible on /readyz, and nobody exits over it.
         seen["readyz during"] = await _readyz_all(cluster, want=503)
+        async with httpx.AsyncClient(timeout=15) as http:
+            refused = await http.post(f"{cluster.urls()[0]}/token", params={"name": "late"})
+        seen["token during"] = refused.status_code
         await asyncio.sleep(max(0.0, OUTAGE - (asyncio.get_running_loop().time() - stopped)))
         assert all(c.process.poll() is None for c in [*cluster.servers, *cluster.workers])
         await asyncio.to_thread(own_redis.start)
@@ -213,6 +216,7 @@ async def test_redis_restarted_under_load(
         run.notes = f"outage {seen['outage seconds']} s; {unavailable} service_unavailable"
         run.assert_clean(history_only=False)
         assert seen["readyz during"] == [503, 503]
+        assert seen["token during"] == 503
         assert seen["readyz after"] == [200, 200]
         before, after = seen["before"], seen["after"]
         assert isinstance(before, Snapshot) and isinstance(after, Snapshot)
