@@ -81,9 +81,11 @@ def tally(
     *,
     expected: Callable[[str], str | None] = echo,
     notes: str = "",
+    record: bool = True,
 ) -> FaultRun:
     """The figures of one run. `expected(text)` is the reply text a message must get, or None
-    when it must get an error entry instead (any text is then a wrong answer)."""
+    when it must get an error entry instead (any text is then a wrong answer). `record`: add
+    the run to the table printed at the end."""
     run = FaultRun(fault, len(users), 0, 0, 0, 0, 0, 0, 0, 0, 0, notes=notes)
     errors: Counter[str] = Counter()
     for user, messages in zip(users, histories, strict=True):
@@ -147,7 +149,8 @@ def tally(
             run.out_of_order += sum(1 for a, b in itertools.pairwise(finals_seen) if b <= a)
     run.errors = dict(sorted(errors.items()))
     run.seconds = round(seconds, 1)
-    RUNS.append(run)
+    if record:
+        RUNS.append(run)
     return run
 
 
