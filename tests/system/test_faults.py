@@ -200,6 +200,7 @@ async def test_redis_restarted_under_load(
     seen: dict[str, object] = {}
 
     async def restart_redis(done: asyncio.Event) -> None:
+        await _snapshot(settings, keys, [])  # makes the probe's pending entry
         await asyncio.sleep(1.5)
         before = await _snapshot(settings, keys, [u.token for u in people])
         if how == "SIGTERM":
@@ -226,7 +227,14 @@ async def test_redis_restarted_under_load(
         run = await drive(f"Redis {how}, restarted (AOF)", people, 6, during=restart_redis)
         unavailable = sum(u.unavailable for u in people)
         run.notes = f"outage {seen['outage seconds']} s; {unavailable} service_unavailable"
-        run.assert_clean(history_only=False)
+        if how == "SIGKILL" and POSTPONED_FSYNC in own_redis.log_file.read_text(errors="replace"):
+            # A slow disk made Redis answer before writing the AOF (docs/faults.md): acked
+            # messages of the last two seconds may be gone. Everything else still holds.
+            run.notes += "; AOF fsync postponed (slow disk)"
+            damage = [run.duplicated, run.misdelivered, run.out_of_order, run.wrong_text]
+            assert damage == [0, 0, 0, 0], run
+        else:
+            run.assert_clean(history_only=False)
         assert seen["readyz during"] == [503, 503]
         assert seen["token during"] == 503
         assert seen["readyz after"] == [200, 200]
@@ -243,6 +251,10 @@ async def test_redis_restarted_under_load(
         fresh.assert_clean()
     finally:
         cluster.stop()
+
+
+# What Redis logs when a slow fsync makes it postpone writing the AOF (while still answering).
+POSTPONED_FSYNC = "Asynchronous AOF fsync is taking too long"
 
 
 @dataclass
