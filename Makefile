@@ -51,3 +51,40 @@ clean:
 # Also removes the virtualenv and the embedded Redis data (sessions are lost).
 distclean: clean
 	rm -rf $(VENV) .data
+
+# --- The React page (client/) ----------------------------------------------------------------
+# `npm ci` only when the lock file changed; the production build only when a source changed.
+# `make test` adds the typecheck and Vitest; pytest needs the build for the browser test
+# (tests/e2e), and `make run` serves the build at http://localhost:3500/.
+NPM_STAMP  := client/node_modules/.installed-stamp
+CLIENT_SRC := $(shell find client/src -type f 2>/dev/null) client/index.html \
+              client/vite.config.ts client/tsconfig.json
+
+.PHONY: client-install client-build client-test e2e client-clean
+
+client-install: $(NPM_STAMP)
+
+$(NPM_STAMP): client/package.json client/package-lock.json
+	cd client && npm ci --no-audit --no-fund
+	touch $(NPM_STAMP)
+
+client-build: client/dist/index.html
+
+client/dist/index.html: $(NPM_STAMP) $(CLIENT_SRC)
+	cd client && npm run --silent build
+
+client-test: $(NPM_STAMP)
+	cd client && npm run --silent typecheck
+	cd client && npm run --silent test
+
+# Only the browser test (it also runs as part of `make pytest`).
+e2e: $(STAMP) client-build
+	$(BIN)/pytest tests/e2e
+
+client-clean:
+	rm -rf client/dist client/node_modules
+
+test: client-test
+pytest: client-build
+run: client-build
+distclean: client-clean

@@ -6,16 +6,24 @@ name in upper case is the variable name (`SESSION_TTL_SECONDS`, `MODEL_BACKEND`,
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 ModelBackendName = Literal["local", "huggingface", "openai"]
+AppEnv = Literal["development", "production"]
+
+# Browser pages allowed to open the chat socket besides the server's own origin: the Vite dev
+# server and `vite preview`, on both loopback spellings.
+DEV_ORIGINS = [
+    f"http://{host}:{port}" for port in (5173, 4173) for host in ("localhost", "127.0.0.1")
+]
 HfApiForm = Literal["chat", "text-generation"]
 
 
@@ -83,6 +91,47 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     openai_model: str = "default"
 
+    # --- Limits and security (docs/security.md) ------------------------------------------------
+    app_env: AppEnv = Field(
+        default="development",
+        description="production refuses '*' in CORS_ORIGINS and ALLOWED_ORIGINS",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=lambda: list(DEV_ORIGINS),
+        description="browser origins allowed to open /chat besides the server's own; '*' = any; "
+        "the default (Vite dev ports) applies in development only",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="proxies whose X-Forwarded-For/-Proto are trusted for the client address; "
+        'a JSON list or, as uvicorn takes it, comma-separated ("127.0.0.1,10.0.0.0/8")',
+    )
+    rate_limit_window_seconds: int = Field(default=10, ge=1, description="socket message window")
+    rate_limit_session_messages: int = Field(
+        default=30, ge=0, description="messages per window per session; 0 = no limit"
+    )
+    rate_limit_address_messages: int = Field(
+        default=120, ge=0, description="messages per window per client address; 0 = no limit"
+    )
+    rate_limit_http_window_seconds: int = Field(default=60, ge=1, description="HTTP window")
+    rate_limit_token_requests: int = Field(
+        default=20, ge=0, description="POST /token per window per client address; 0 = no limit"
+    )
+    rate_limit_refresh_requests: int = Field(
+        default=120,
+        ge=0,
+        description="GET /refresh_token per window per client address; 0 = no limit",
+    )
+    max_sockets_per_session: int = Field(
+        default=5, ge=0, description="open sockets per session, all servers; 0 = no limit"
+    )
+    socket_lease_seconds: float = Field(
+        default=30.0, gt=1, description="a socket not refreshed for this long stops counting"
+    )
+    max_history_messages: int = Field(
+        default=1000, ge=0, description="messages kept per session, oldest dropped; 0 = all"
+    )
+
     # --- Logging -----------------------------------------------------------------------------
     log_level: str = "INFO"
 
@@ -90,6 +139,36 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _json_or_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _no_wildcards_in_production(self) -> Settings:
+        if self.app_env == "production":
+            for name in ("cors_origins", "allowed_origins"):
+                if "*" in getattr(self, name):
+                    raise ValueError(
+                        f"APP_ENV=production does not allow '*' in {name.upper()}: "
+                        "list the origins of your pages instead"
+                    )
+        return self
+
+    @property
+    def socket_origins(self) -> list[str]:
+        """Origins allowed to open /chat besides the server's own. The default list (the Vite
+        dev servers on this machine) applies in development only; production uses what
+        ALLOWED_ORIGINS lists, nothing if it is not set."""
+        if self.app_env == "production" and "allowed_origins" not in self.model_fields_set:
+            return []
+        return self.allowed_origins
 
     @property
     def hf_endpoint(self) -> str:

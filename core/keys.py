@@ -57,3 +57,17 @@ class Keys:
     def stop(self, token: str) -> str:
         """Time (epoch microseconds) of the session's latest stop request."""
         return f"{self.prefix}:stop:{token}"
+
+    @property
+    def workers_alive(self) -> str:
+        """Sorted set of live workers: member = consumer name, score = last heartbeat (ms)."""
+        return f"{self.prefix}:workers:alive"
+
+    def sockets(self, token: str) -> str:
+        """Sorted set of a session's open sockets on every server: score = lease expiry (ms)."""
+        return f"{self.prefix}:sockets:{token}"
+
+    def rate(self, kind: str, subject: str) -> str:
+        """Rate-limit state (a GCRA "theoretical arrival time", ms) for one kind and subject:
+        `msg-session`/token, `msg-address`/address, `http-token`/address, ..."""
+        return f"{self.prefix}:rate:{kind}:{subject}"

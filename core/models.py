@@ -44,6 +44,11 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     SESSION_EXPIRED = "session_expired"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+
+
+class NoticeCode(StrEnum):
+    QUEUED = "queued"
 
 
 class Source(StrEnum):
@@ -120,12 +125,25 @@ class ErrorEvent(BaseModel):
     reply_to: str | None = None
     code: ErrorCode
     detail: str
+    # `rate_limited` only: whole seconds (>= 1) to wait before sending again.
+    retry_after: int | None = None
 
 
-Event = Annotated[AckEvent | TokenEvent | MessageEvent | ErrorEvent, Field(discriminator="type")]
+class NoticeEvent(BaseModel):
+    """Information about a message, not an answer (clients ignore codes they do not know)."""
+
+    type: Literal["notice"] = "notice"
+    code: NoticeCode
+    reply_to: str
+    detail: str
 
 
-def dump_event(event: AckEvent | TokenEvent | MessageEvent | ErrorEvent) -> str:
+Event = Annotated[
+    AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent, Field(discriminator="type")
+]
+
+
+def dump_event(event: AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
     return event.model_dump_json(exclude_none=True)
 
 

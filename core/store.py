@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -41,14 +43,38 @@ class ReplyOutcome(Enum):
     SESSION_GONE = -2
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A message stored, queued and acknowledged."""
+
+    message: Message
+    # False when no worker has sent a heartbeat within the lease: the message waits.
+    workers_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """Refused by a rate limit; nothing was written."""
+
+    retry_after: int  # whole seconds, >= 1
+
+
+def retry_after_seconds(wait_ms: int) -> int:
+    return max(1, math.ceil(wait_ms / 1000))
+
+
 class SessionStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
+        self._settings = settings
         self._ttl = settings.session_ttl_seconds
         self._maxlen = settings.stream_maxlen
-        self._add_human = redis.register_script(load_script("add_human_message.lua"))
-        self._add_reply = redis.register_script(load_script("add_reply.lua"))
+        self._history_cap = settings.max_history_messages
+        gcra, cap = load_script("lib_gcra.lua"), load_script("lib_history_cap.lua")
+        self._add_human = redis.register_script(gcra + cap + load_script("add_human_message.lua"))
+        self._add_reply = redis.register_script(cap + load_script("add_reply.lua"))
+        self._rate_limit = redis.register_script(gcra + load_script("rate_limit.lua"))
 
     # --- Sessions ----------------------------------------------------------------------------
 
@@ -89,16 +115,39 @@ class SessionStore:
     async def add_human_message(
         self, token: str, text: str, client_id: str | None = None
     ) -> Message | None:
-        """Store the message, queue it for a worker and announce it: one atomic step.
+        """Store the message, queue it for a worker and announce it: one atomic step, with no
+        rate limit. Returns None when the session has expired."""
+        result = await self.queue_message(token, text, client_id, rate_limited=False)
+        assert not isinstance(result, RateLimited)
+        return None if result is None else result.message
 
-        Returns None when the session has expired.
-        """
+    async def queue_message(
+        self,
+        token: str,
+        text: str,
+        client_id: str | None = None,
+        *,
+        address: str | None = None,
+        rate_limited: bool = True,
+    ) -> Queued | RateLimited | None:
+        """Check the session's and the address's rate limits, then store the message, queue it
+        for a worker and announce it (its `ack`), trimming the history to its cap: one atomic
+        step and one round trip. Returns None when the session has expired."""
+        settings = self._settings
         message = Message(source=Source.HUMAN, msg=text)
         ack = AckEvent(
             id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
         )
-        entry = await self._add_human(
-            keys=[self.keys.session(token), self.keys.requests],
+        per_session = settings.rate_limit_session_messages if rate_limited else 0
+        per_address = settings.rate_limit_address_messages if rate_limited and address else 0
+        result: Any = await self._add_human(
+            keys=[
+                self.keys.session(token),
+                self.keys.requests,
+                self.keys.rate("msg-session", token),
+                self.keys.rate("msg-address", address or "-"),
+                self.keys.workers_alive,
+            ],
             args=[
                 message.model_dump_json(exclude_none=True),
                 self._ttl,
@@ -107,9 +156,31 @@ class SessionStore:
                 message.id,
                 self.keys.events(token),
                 dump_event(ack),
+                per_session,
+                per_address,
+                settings.rate_limit_window_seconds * 1000,
+                self._history_cap,
+                int(settings.worker_lease_seconds * 1000),
             ],
         )
-        return message if entry else None
+        status = int(result[0])
+        if status == 0:
+            return None
+        if status == 2:
+            return RateLimited(retry_after_seconds(int(result[1])))
+        if status == 3:  # a retry of a call that had stored it
+            return Queued(message, workers_alive=True)
+        return Queued(message, workers_alive=int(result[2]) > 0)
+
+    async def check_rate(self, kind: str, subject: str, limit: int, period_seconds: int) -> int:
+        """Count one request of `kind` by `subject` against `limit` per period (one atomic
+        step). Returns 0 when allowed, else the whole seconds to wait (>= 1)."""
+        if limit <= 0:
+            return 0
+        wait: Any = await self._rate_limit(
+            keys=[self.keys.rate(kind, subject)], args=[limit, period_seconds * 1000]
+        )
+        return 0 if int(wait) <= 0 else retry_after_seconds(int(wait))
 
     async def add_reply(
         self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lock_owner: str
@@ -125,6 +196,7 @@ class SessionStore:
                 self._ttl,
                 self.keys.events(token),
                 dump_event(event),
+                self._history_cap,
             ],
         )
         return ReplyOutcome(int(result))

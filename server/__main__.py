@@ -24,7 +24,8 @@ def main() -> None:
         ws_max_size=WS_MAX_FRAME_BYTES,
         log_config=None,
         access_log=False,
-        proxy_headers=True,
+        # X-Forwarded-For is honoured by the app itself, from FORWARDED_ALLOW_IPS only.
+        proxy_headers=False,
     )
 
 

@@ -9,6 +9,7 @@ it, so several servers never take events from one another.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -40,8 +41,14 @@ class CloseSocket:
 class Subscription:
     """The outgoing frames of one socket: events from Redis and the server's own replies."""
 
+    MAX_HELD = 100  # frames waiting for their ack (a lost ack must not keep them forever)
+
     def __init__(self, max_pending: int) -> None:
         self._queue: asyncio.Queue[str | CloseSocket] = asyncio.Queue(max_pending)
+        self._after_ack: dict[str, str] = {}  # message id -> frame to send after its ack
+        self._next: list[str] = []
+        # Ids of the latest acks sent (a frame may be put after its ack went out).
+        self._acked: collections.deque[str] = collections.deque(maxlen=self.MAX_HELD)
         self.overflowed = False
 
     def put(self, frame: str | CloseSocket) -> None:
@@ -50,10 +57,33 @@ class Subscription:
         except asyncio.QueueFull:
             self.overflowed = True
 
+    def put_after_ack(self, message_id: str, frame: str) -> None:
+        """Send `frame` right after the ack of `message_id` (which comes through Pub/Sub and
+        may not have arrived yet), or now if it has passed already."""
+        if message_id in self._acked:
+            self.put(frame)
+            return
+        if len(self._after_ack) >= self.MAX_HELD:
+            self._after_ack.pop(next(iter(self._after_ack)))
+        self._after_ack[message_id] = frame
+
     async def get(self) -> str | CloseSocket:
         if self.overflowed:
             raise SubscriptionOverflow
-        return await self._queue.get()
+        if self._next:
+            return self._next.pop(0)
+        frame = await self._queue.get()
+        if isinstance(frame, str) and frame.startswith('{"type":"ack"'):
+            self._note_ack(frame)
+        return frame
+
+    def _note_ack(self, frame: str) -> None:
+        # Cheap: acks are `{"type":"ack","id":"<uuid>",...}`; no JSON parsing needed.
+        message_id = frame[len('{"type":"ack","id":"') :][:36]
+        self._acked.append(message_id)
+        held = self._after_ack.pop(message_id, None)
+        if held is not None:
+            self._next.append(held)
 
 
 class EventHub:

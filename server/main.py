@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from core.config import Settings, get_settings
 from core.keys import Keys
@@ -19,6 +20,7 @@ from core.redis import create_redis, ensure_group
 from core.store import SessionStore
 from server.api.main import api_router
 from server.hub import EventHub
+from server.sockets import SocketRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +30,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     redis = create_redis(settings)
     hub = EventHub(redis, Keys(settings.key_prefix))
+    sockets = SocketRegistry(
+        redis,
+        Keys(settings.key_prefix),
+        settings.max_sockets_per_session,
+        settings.socket_lease_seconds,
+    )
     try:
         await ensure_group(redis, Keys(settings.key_prefix))
         await hub.start()
+        await sockets.start()
         app.state.redis = redis
         app.state.store = SessionStore(redis, settings)
         app.state.hub = hub
+        app.state.sockets = sockets
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:
+        await sockets.aclose()
         await hub.aclose()
         await redis.aclose()
 
@@ -69,6 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
+    if settings.forwarded_allow_ips:
+        # The client address (rate limits, logs) comes from X-Forwarded-For only when the
+        # request comes from one of these proxies; anyone else's header is ignored.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(api_router)
     app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir

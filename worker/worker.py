@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -116,9 +117,13 @@ class Worker:
             ]
             crashed = await self._until_stopped_or_crashed(intake + upkeep)
             await _cancel(intake)
+            with contextlib.suppress(RedisError, OSError):
+                await redis.zrem(self.keys.workers_alive, self.consumer)
             await self._drain()
             self._drained.set()
             await _cancel(upkeep)
+            with contextlib.suppress(RedisError, OSError):  # in case a heartbeat raced the first
+                await redis.zrem(self.keys.workers_alive, self.consumer)
             await self._leave_group()
             if crashed is not None:
                 raise WorkerFailed("a worker loop failed; see the log above") from crashed
@@ -276,6 +281,8 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         assert self._redis is not None and self._leases is not None
         await self._leases.renew_all()
+        if not self._stopping.is_set():
+            await self._announce_alive()
         if self._entries:
             await self._redis.xclaim(
                 self.keys.requests,
@@ -285,6 +292,16 @@ class Worker:
                 message_ids=list(self._entries),
                 justid=True,
             )
+
+    async def _announce_alive(self) -> None:
+        """Liveness for the servers (their `queued` notice): this worker's heartbeat time in
+        the live-workers set; members silent for many leases (killed workers) are dropped."""
+        assert self._redis is not None
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers_alive, {self.consumer: now_ms})
+            pipe.zremrangebyscore(self.keys.workers_alive, "-inf", now_ms - 10 * self._lease_ms)
+            await pipe.execute()
 
     async def _control_loop(self) -> None:
         assert self._redis is not None and self._responder is not None

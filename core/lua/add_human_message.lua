@@ -1,17 +1,34 @@
--- Store a human message and queue it for the workers, in one atomic step.
--- KEYS[1] session document, KEYS[2] request stream
+-- Store a human message and queue it for the workers, in one atomic step (one round trip),
+-- after the session's and the client address's rate limits allowed it.
+-- Needs the preludes lib_gcra.lua and lib_history_cap.lua (core/store.py prepends them).
+-- KEYS[1] session document, KEYS[2] request stream, KEYS[3] session rate key,
+-- KEYS[4] address rate key, KEYS[5] live-workers sorted set
 -- ARGV[1] message JSON, ARGV[2] session TTL (s), ARGV[3] stream MAXLEN (approximate),
--- ARGV[4] token, ARGV[5] message id, ARGV[6] events channel, ARGV[7] ack event JSON
--- Returns the stream entry id, or false when the session does not exist (expired).
+-- ARGV[4] token, ARGV[5] message id, ARGV[6] events channel, ARGV[7] ack event JSON,
+-- ARGV[8] messages per window per session (0 = no limit), ARGV[9] per address (0 = no limit),
+-- ARGV[10] window (ms), ARGV[11] history cap (0 = none), ARGV[12] worker lease (ms)
+-- Returns {0} the session does not exist (expired); {1, stream entry id, live workers} stored;
+-- {2, wait ms} refused by a rate limit (nothing written); {3} already stored (a retry).
 -- Idempotent: if the client retries after a lost reply, the message is not stored twice.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return false
+  return {0}
 end
 if redis.call('JSON.GET', KEYS[1], '$.messages[?(@.id=="' .. ARGV[5] .. '")].id') ~= '[]' then
-  return 'duplicate'
+  return {3}
 end
+local now = now_ms()
+local window = tonumber(ARGV[10])
+local session_wait, session_tat = gcra_check(KEYS[3], tonumber(ARGV[8]), window, now)
+local address_wait, address_tat = gcra_check(KEYS[4], tonumber(ARGV[9]), window, now)
+if session_wait > 0 or address_wait > 0 then
+  return {2, math.max(session_wait, address_wait)}
+end
+gcra_commit(KEYS[3], session_tat, now)
+gcra_commit(KEYS[4], address_tat, now)
 redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[1])
+cap_history(KEYS[1], tonumber(ARGV[11]))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'token', ARGV[4], 'id', ARGV[5])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
-return entry
+local alive = redis.call('ZCOUNT', KEYS[5], now - tonumber(ARGV[12]), '+inf')
+return {1, entry, alive}

@@ -1,7 +1,9 @@
 -- Store a bot reply (or the error that stands for it) exactly once, then announce it.
+-- Needs the prelude lib_history_cap.lua (core/store.py prepends it).
 -- KEYS[1] session document, KEYS[2] the session's worker lock
 -- ARGV[1] lock owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
--- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON
+-- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
+-- ARGV[7] history cap (0 = none)
 -- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lock, -2 no session.
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
@@ -14,6 +16,7 @@ if found ~= '[]' then
   return 0
 end
 redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])
+cap_history(KEYS[1], tonumber(ARGV[7] or '0'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from core.config import Settings
 from core.store import SessionStore
 from server.hub import EventHub
+from server.sockets import SocketRegistry
 
 
 def get_settings(conn: HTTPConnection) -> Settings:
@@ -33,7 +34,13 @@ def get_hub(conn: HTTPConnection) -> EventHub:
     return hub
 
 
+def get_sockets(conn: HTTPConnection) -> SocketRegistry:
+    sockets: SocketRegistry = conn.app.state.sockets
+    return sockets
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StoreDep = Annotated[SessionStore, Depends(get_store)]
 HubDep = Annotated[EventHub, Depends(get_hub)]
+SocketsDep = Annotated[SocketRegistry, Depends(get_sockets)]

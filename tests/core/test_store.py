@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from redis.asyncio import Redis
 
 from core.config import Settings
 from core.models import Message, MessageEvent, Source, new_id
-from core.store import ReplyOutcome, SessionStore
+from core.store import Queued, RateLimited, ReplyOutcome, SessionStore
 from tests.conftest import make_settings
 
 
@@ -110,3 +111,124 @@ async def test_stop_request_is_remembered_and_broadcast(store: SessionStore, red
         command = await pubsub.get_message(timeout=2)
     assert command is not None and json.loads(command["data"]) == {"type": "stop", "token": token}
     assert await store.stop_requested_at(token) is not None
+
+
+# --- Limits: history cap, rate limits, worker liveness -----------------------------------------
+
+
+async def _answer(store: SessionStore, redis: Redis, token: str, human: Message) -> Message:
+    await redis.set(store.keys.lock(token), "me")
+    reply = Message(source=Source.BOT, msg=f"re {human.msg}", reply_to=human.id)
+    event = MessageEvent(id=reply.id, reply_to=human.id, msg=reply.msg, timestamp=reply.timestamp)
+    assert await store.add_reply(token, reply, event, "me") is ReplyOutcome.STORED
+    return reply
+
+
+async def test_history_is_capped_dropping_whole_exchanges(redis_url: str, redis: Redis) -> None:
+    store = SessionStore(redis, make_settings(redis_url, max_history_messages=4))
+    session = await store.create("Ann")
+    for n in range(3):
+        human = await store.add_human_message(session.token, f"q{n}")
+        assert human is not None
+        await _answer(store, redis, session.token, human)
+    stored = await store.messages(session.token)
+    assert stored is not None
+    assert [m.msg for m in stored] == ["q1", "re q1", "q2", "re q2"]
+
+    # h3 pushes out q1; its reply, now first with no question, goes with it.
+    await store.add_human_message(session.token, "q3")
+    stored = await store.messages(session.token)
+    assert stored is not None
+    assert [m.msg for m in stored] == ["q2", "re q2", "q3"]
+
+
+async def test_history_cap_keeps_unanswered_questions_over_their_old_replies(
+    redis_url: str, redis: Redis
+) -> None:
+    store = SessionStore(redis, make_settings(redis_url, max_history_messages=3))
+    session = await store.create("Ann")
+    first = await store.add_human_message(session.token, "q0")
+    assert first is not None
+    for n in (1, 2, 3):
+        await store.add_human_message(session.token, f"q{n}")
+    stored = await store.messages(session.token)
+    assert stored is not None and [m.msg for m in stored] == ["q1", "q2", "q3"]
+    # A reply to a question that was dropped meanwhile is still stored within the cap.
+    await _answer(store, redis, session.token, first)
+    stored = await store.messages(session.token)
+    assert stored is not None and [m.msg for m in stored] == ["q2", "q3", "re q0"]
+
+
+async def test_no_cap_when_zero(redis_url: str, redis: Redis) -> None:
+    store = SessionStore(redis, make_settings(redis_url, max_history_messages=0))
+    session = await store.create("Ann")
+    for n in range(30):
+        await store.add_human_message(session.token, f"q{n}")
+    stored = await store.messages(session.token)
+    assert stored is not None and len(stored) == 30
+
+
+async def test_session_rate_limit_refuses_without_writing(redis_url: str, redis: Redis) -> None:
+    settings = make_settings(redis_url, rate_limit_session_messages=3, rate_limit_window_seconds=60)
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    results = [await store.queue_message(session.token, f"m{n}") for n in range(5)]
+    assert [type(r).__name__ for r in results] == ["Queued"] * 3 + ["RateLimited"] * 2
+    refused = results[-1]
+    assert isinstance(refused, RateLimited)
+    # 3 per 60 s: the next one is allowed 20 s after the first.
+    assert 1 <= refused.retry_after <= 20
+    stored = await store.messages(session.token)
+    assert stored is not None and [m.msg for m in stored] == ["m0", "m1", "m2"]
+    assert await redis.xlen(store.keys.requests) == 3
+    # Another session is not affected; add_human_message (used by tools) is never limited.
+    other = await store.create("Bob")
+    assert isinstance(await store.queue_message(other.token, "hi"), Queued)
+    assert await store.add_human_message(session.token, "unlimited") is not None
+
+
+async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -> None:
+    settings = make_settings(redis_url, rate_limit_address_messages=2, rate_limit_window_seconds=60)
+    store = SessionStore(redis, settings)
+    sessions = [await store.create(name) for name in ("A", "B", "C")]
+    results = [await store.queue_message(s.token, "hi", address="192.0.2.7") for s in sessions]
+    assert [type(r).__name__ for r in results] == ["Queued", "Queued", "RateLimited"]
+    # The refusal by the address limit did not use up the session's own allowance.
+    assert await redis.exists(store.keys.rate("msg-session", sessions[2].token)) == 0
+    assert isinstance(
+        await store.queue_message(sessions[2].token, "hi", address="192.0.2.8"), Queued
+    )
+
+
+async def test_rate_limit_zero_means_none(redis_url: str, redis: Redis) -> None:
+    settings = make_settings(
+        redis_url, rate_limit_session_messages=0, rate_limit_address_messages=0
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    for _ in range(40):
+        assert isinstance(await store.queue_message(session.token, "x", address="a"), Queued)
+    assert await store.check_rate("http-token", "a", 0, 60) == 0
+    assert await redis.keys(f"{settings.key_prefix}:rate:*") == []
+
+
+async def test_check_rate_counts_and_answers_whole_seconds(store: SessionStore) -> None:
+    answers = [await store.check_rate("http-token", "198.51.100.1", 2, 60) for _ in range(3)]
+    assert answers[:2] == [0, 0]
+    assert 1 <= answers[2] <= 30
+    assert await store.check_rate("http-token", "198.51.100.2", 2, 60) == 0
+
+
+async def test_queued_reports_whether_a_worker_is_alive(
+    store: SessionStore, redis: Redis, settings: Settings
+) -> None:
+    session = await store.create("Ann")
+    nobody = await store.queue_message(session.token, "anyone?")
+    assert isinstance(nobody, Queued) and nobody.workers_alive is False
+    stale_ms = int((time.time() - settings.worker_lease_seconds - 5) * 1000)
+    await redis.zadd(store.keys.workers_alive, {"dead-worker": stale_ms})
+    stale = await store.queue_message(session.token, "still?")
+    assert isinstance(stale, Queued) and stale.workers_alive is False
+    await redis.zadd(store.keys.workers_alive, {"live-worker": int(time.time() * 1000)})
+    alive = await store.queue_message(session.token, "now?")
+    assert isinstance(alive, Queued) and alive.workers_alive is True

@@ -11,8 +11,9 @@ from redis.asyncio import Redis
 from websockets.exceptions import InvalidStatus
 
 from core.models import new_id
+from tests.conftest import make_settings
 from tests.support.model_servers import ModelServer
-from tests.support.stack import Stack
+from tests.support.stack import Stack, running_stack
 
 
 async def test_plain_text_gets_ack_tokens_and_final_message(stack: Stack) -> None:
@@ -116,7 +117,7 @@ async def test_session_expiring_while_connected_is_reported_and_closed(
     ],
 )
 async def test_bad_frames_get_an_error_and_lose_nothing(
-    stack: Stack, frame: str | bytes, code: str
+    stack: Stack, redis: Redis, frame: str | bytes, code: str
 ) -> None:
     token = await stack.new_session()
     async with stack.socket(token) as chat:
@@ -125,6 +126,10 @@ async def test_bad_frames_get_an_error_and_lose_nothing(
         assert error["code"] == code
         assert error["detail"]
         assert "reply_to" not in error
+        # Nothing half-written: no history entry, no stream entry, no ack.
+        assert (await stack.history(token))["messages"] == []
+        assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+        assert [e["type"] for e in chat.events] == ["error"]
         # The connection and the session are intact: the next message works.
         await chat.send("still fine?")
         reply = await chat.until("message")
@@ -174,13 +179,43 @@ async def test_stop_before_generation_starts_stops_the_queued_message(
     assert model_server.requests == []
 
 
-async def test_messages_wait_for_a_worker(stack: Stack) -> None:
+async def test_messages_wait_for_a_worker_and_the_sender_is_told(stack: Stack) -> None:
     await stack.stop_workers()
     token = await stack.new_session()
-    async with stack.socket(token) as chat:
+    async with stack.socket(token) as chat, stack.socket(token) as other_tab:
         await chat.send("is anybody there?")
-        await chat.until("ack")
+        ack = await chat.next_event()
+        notice = await chat.next_event()
         assert await chat.silence(0.3) == []
         stack.add_worker()
         reply = await chat.until("message")
+        await other_tab.until("message")
+    assert ack["type"] == "ack"
+    assert notice == {
+        "type": "notice",
+        "code": "queued",
+        "reply_to": ack["id"],
+        "detail": "No worker is running right now; your message is queued and will be answered "
+        "when one starts.",
+    }
     assert reply["msg"] == "echo: is anybody there?"
+    # Only the socket that sent the message is told.
+    assert [e["type"] for e in other_tab.events if e["type"] != "token"] == ["ack", "message"]
+
+
+async def test_no_notice_while_a_worker_is_alive(
+    redis_url: str, model_server: ModelServer, redis: Redis
+) -> None:
+    # A long lease, so a heartbeat delayed by a busy machine does not count as a dead worker.
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, worker_lease_seconds=15
+    )
+    async with running_stack(settings) as stack:
+        async with asyncio.timeout(30):
+            while not await redis.zcard(f"{settings.key_prefix}:workers:alive"):
+                await asyncio.sleep(0.02)
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            await chat.send("hi")
+            await chat.until("message")
+    assert "notice" not in [e["type"] for e in chat.events]

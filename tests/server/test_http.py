@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -163,3 +164,96 @@ async def test_readiness_fails_when_the_event_fan_out_stopped(
     response = await client.get("/readyz")
     assert response.status_code == 503
     assert "fan-out" in response.json()["detail"]
+
+
+# --- Odd names and tokens (the table in docs/protocol.md) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "👨‍👩‍👧 family",  # emoji joined by U+200D ZERO WIDTH JOINER
+        "مرحبا",  # right-to-left script
+        "\u200f\u05e9\u05dc\u05d5\u05dd",  # RIGHT-TO-LEFT MARK, then Hebrew
+        "a\u200bb",  # a zero-width space inside visible text
+        "\u202eevil",  # a bidi override: kept as text; clients render names isolated
+        "x" * 100,
+    ],
+)
+async def test_odd_but_usable_names_are_kept_exactly(client: httpx.AsyncClient, name: str) -> None:
+    response = await client.post("/token", params={"name": name})
+    assert response.status_code == 200, response.text
+    token = response.json()["token"]
+    session = (await client.get("/refresh_token", params={"token": token})).json()
+    assert session["name"] == name
+
+
+@pytest.mark.parametrize(
+    ("raw_query", "message"),
+    [
+        ("name=%E2%80%8B", "Enter a valid name"),  # only a zero-width space
+        ("name=%E2%80%8B%E2%80%8D%20%E2%81%A0", "Enter a valid name"),  # only invisible chars
+        ("name=a%00b", "Enter a valid name (no control characters)"),  # NUL
+        ("name=a%09b", "Enter a valid name (no control characters)"),  # tab inside
+        ("name=a%0Ab", "Enter a valid name (no control characters)"),  # newline inside
+        ("name=a%1Bb", "Enter a valid name (no control characters)"),  # ESC
+        ("name=a%C2%85b", "Enter a valid name (no control characters)"),  # C1 control (NEL)
+        ("name=%ED%A0%80", "Enter a valid name (it must be valid UTF-8 text)"),  # lone surrogate
+        ("name=x%FFy", "Enter a valid name (it must be valid UTF-8 text)"),  # not UTF-8 at all
+        ("name=%EF%BF%BD", "Enter a valid name (it must be valid UTF-8 text)"),  # U+FFFD itself
+        ("name=" + "y" * 10_000, "Enter a valid name (at most 100 characters)"),
+        ("name=" + "%F0%9F%99%82" * 101, "Enter a valid name (at most 100 characters)"),
+    ],
+)
+async def test_unusable_names_get_400_and_create_nothing(
+    client: httpx.AsyncClient, redis: Redis, stack_settings: Settings, raw_query: str, message: str
+) -> None:
+    response = await client.post(f"/token?{raw_query}")
+    assert response.status_code == 400, response.text
+    assert response.json() == {"detail": {"loc": "name", "msg": message}}
+    assert await redis.keys(f"{stack_settings.key_prefix}:session:*") == []
+
+
+async def test_huge_queries_are_refused_without_a_500(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as client:
+        response = await client.post("/token", params={"name": "z" * 60_000})
+    assert response.status_code == 400
+    # Over what httpx will send: a raw request line of 1 MB. uvicorn refuses it (or drops the
+    # connection); the app never sees it.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.server.port)
+    try:
+        writer.write(f"POST /token?name={'z' * 1_000_000} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert status_line == b"" or status_line.split()[1].startswith(b"4"), status_line
+
+
+@pytest.mark.parametrize(
+    "raw_token",
+    [
+        "%ED%A0%80",
+        "%00",
+        "69A68D0C-1547-41EE-8B49-8E56D609CA33",  # upper case: not the canonical form
+        "{69a68d0c-1547-41ee-8b49-8e56d609ca33}",
+        "69a68d0c-1547-11ee-8b49-8e56d609ca33",  # a UUID1
+        "69a68d0c-1547-41ee-8b49-8e56d609ca33" + "0" * 10_000,
+    ],
+)
+async def test_malformed_tokens_get_400(client: httpx.AsyncClient, raw_token: str) -> None:
+    response = await client.get(f"/refresh_token?token={raw_token}")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Session expired or does not exist"}
+
+
+async def test_an_expired_token_gets_400(
+    client: httpx.AsyncClient, redis: Redis, stack_settings: Settings
+) -> None:
+    token = (await client.post("/token", params={"name": "Ann"})).json()["token"]
+    await redis.delete(f"{stack_settings.key_prefix}:session:{token}")
+    response = await client.get("/refresh_token", params={"token": token})
+    assert response.status_code == 400

@@ -14,7 +14,7 @@ from core.keys import Keys
 from core.models import new_id
 from core.redis import create_redis
 from launcher.redis_server import EmbeddedRedis, free_port
-from server.hub import RESYNC_CODE, CloseSocket, EventHub
+from server.hub import RESYNC_CODE, CloseSocket, EventHub, Subscription
 from tests.conftest import make_settings
 
 
@@ -90,3 +90,34 @@ async def test_sockets_are_told_to_resync_after_redis_comes_back(tmp_path: Path)
             await hub.aclose()
             await redis.aclose()
     assert frame == CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect")
+
+
+def _ack(message_id: str) -> str:
+    return f'{{"type":"ack","id":"{message_id}","msg":"m","timestamp":"2026-01-01T00:00:00Z"}}'
+
+
+async def test_a_frame_put_after_an_ack_waits_for_it() -> None:
+    outbox = Subscription(100)
+    first, second = new_id(), new_id()
+    outbox.put_after_ack(second, "notice for second")
+    outbox.put(_ack(first))
+    outbox.put(_ack(second))
+    outbox.put("token event")
+    frames = [await outbox.get() for _ in range(4)]
+    assert frames == [_ack(first), _ack(second), "notice for second", "token event"]
+
+
+async def test_a_frame_put_after_its_ack_went_out_is_sent_at_once() -> None:
+    outbox = Subscription(100)
+    message_id = new_id()
+    outbox.put(_ack(message_id))
+    assert await outbox.get() == _ack(message_id)
+    outbox.put_after_ack(message_id, "late notice")
+    assert await outbox.get() == "late notice"
+
+
+async def test_frames_waiting_for_lost_acks_are_bounded() -> None:
+    outbox = Subscription(100)
+    for _ in range(Subscription.MAX_HELD + 50):
+        outbox.put_after_ack(new_id(), "never")
+    assert len(outbox._after_ack) == Subscription.MAX_HELD

@@ -27,6 +27,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 logger = logging.getLogger(__name__)
 
 FINAL = ("message", "error")
+#: Socket-level errors after which a message was not stored.
+REFUSED = ("service_unavailable", "rate_limited")
 
 
 class SessionGone(Exception):
@@ -75,6 +77,7 @@ class ChatUser:
         self.vanished: set[str] = set()
         self.finished_at = 0.0
         self.unavailable = 0
+        self.retry_after = 0.2
         self.reconnects = 0
         self.resent = 0
         self._ws: ClientConnection | None = None
@@ -166,8 +169,10 @@ class ChatUser:
                     self.finals.setdefault(event["reply_to"], event)
                 elif event["type"] == "ack" and event.get("msg") in self.texts:
                     self.ids.setdefault(event["msg"], event["id"])
-                elif event["type"] == "error" and event.get("code") == "service_unavailable":
+                elif event["type"] == "error" and event.get("code") in REFUSED:
+                    # Not stored: send it again (after `retry_after` when rate limited).
                     self.unavailable += 1
+                    self.retry_after = float(event.get("retry_after") or 0.2)
                 self._changed.set()
         except ConnectionClosed:
             pass
@@ -237,7 +242,8 @@ class ChatUser:
             if text in self.ids:
                 return
             # No ack: it may still have been stored (the ack went to a socket that closed).
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self.retry_after)
+            self.retry_after = 0.2
             if self.connected:
                 await self.refresh()
             else:

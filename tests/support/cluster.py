@@ -12,9 +12,24 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.config import Settings
 from tests.support.chat_client import ChatUser
 from tests.support.ledger import FaultRun, tally
-from tests.support.processes import ServerChild, WorkerChild
+from tests.support.processes import ServerChild, WorkerChild, settings_env
+
+
+def fault_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The child processes' environment for a fault run: `settings`, quick model retries, and
+    no per-address rate limits (every simulated user comes from 127.0.0.1; the per-session
+    limits stay)."""
+    return settings_env(
+        settings,
+        MODEL_MAX_RETRIES="2",
+        RATE_LIMIT_ADDRESS_MESSAGES="0",
+        RATE_LIMIT_TOKEN_REQUESTS="0",
+        RATE_LIMIT_REFRESH_REQUESTS="0",
+        **extra,
+    )
 
 
 class Cluster:

@@ -25,7 +25,7 @@ from core.keys import Keys
 from core.redis import create_redis
 from launcher.redis_server import EmbeddedRedis, free_port
 from tests.conftest import make_settings
-from tests.support.cluster import Cluster, drive, users
+from tests.support.cluster import Cluster, drive, fault_env, users
 from tests.support.model_servers import (
     CutStream,
     Fault,
@@ -36,7 +36,6 @@ from tests.support.model_servers import (
     ModelServerBehaviour,
     RateLimited,
 )
-from tests.support.processes import settings_env
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ def fault_settings(redis_url: str, model: ModelServer) -> Settings:
 
 @pytest.fixture
 def cluster(fault_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
-    running = Cluster(settings_env(fault_settings, MODEL_MAX_RETRIES="2"), tmp_path)
+    running = Cluster(fault_env(fault_settings), tmp_path)
     try:
         yield running
     finally:
@@ -139,6 +138,15 @@ async def test_no_worker_then_one_starts(cluster: Cluster) -> None:
 
     run = await drive("no worker, then one starts", people, 3, during=start_worker_late)
     run.assert_clean()
+    # Each message's sender was told it is queued (docs/protocol.md, `notice` `queued`).
+    for person in people:
+        queued = {
+            e["reply_to"]
+            for log in person.sockets
+            for e in log.events
+            if e["type"] == "notice" and e.get("code") == "queued"
+        }
+        assert queued == set(person.ids.values())
 
 
 async def test_servers_restarted_under_load(cluster: Cluster, model: ModelServer) -> None:
@@ -195,7 +203,7 @@ async def test_redis_restarted_under_load(
     keys = Keys(settings.key_prefix)
     logs = tmp_path / "logs"
     logs.mkdir()
-    cluster = Cluster(settings_env(settings, MODEL_MAX_RETRIES="2"), logs)
+    cluster = Cluster(fault_env(settings), logs)
     people = users(10, cluster, gap=0.4)
     seen: dict[str, object] = {}
 
@@ -319,7 +327,7 @@ async def test_model_faults_end_in_a_reply_or_an_error(
     healthy sessions alongside. Every message ends in its reply or a clear error entry and
     event, nothing hangs, and the healthy sessions are answered while the faulty ones wait."""
     model.behaviour.faults_for = {marker: fault for marker, (fault, _) in MODEL_FAULTS.items()}
-    env = settings_env(fault_settings, MODEL_MAX_RETRIES="2", MODEL_TIMEOUT_SECONDS="4")
+    env = fault_env(fault_settings, MODEL_TIMEOUT_SECONDS="4")
     cluster = Cluster(env, tmp_path)
     markers = list(MODEL_FAULTS)
     healthy = 6
@@ -366,7 +374,7 @@ async def test_model_down_every_message_gets_an_error(redis_url: str, tmp_path: 
     error entry and event after the retries, none hangs, and the worker stays up."""
     dead = f"http://127.0.0.1:{free_port()}/v1"
     settings = make_settings(redis_url, openai_base_url=dead)
-    cluster = Cluster(settings_env(settings, MODEL_MAX_RETRIES="2"), tmp_path)
+    cluster = Cluster(fault_env(settings), tmp_path)
     try:
         await cluster.add_server()
         worker = await cluster.add_worker()

@@ -13,11 +13,13 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from redis.exceptions import RedisError
 
-from core.models import ErrorCode, ErrorEvent, dump_event, short
-from core.store import SessionStore
-from server.api.deps import HubDep, SettingsDep, StoreDep
+from core.config import Settings
+from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
+from core.store import Queued, RateLimited, SessionStore
+from server.api.deps import HubDep, SettingsDep, SocketsDep, StoreDep
 from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
-from server.hub import CloseSocket, Subscription, SubscriptionOverflow
+from server.guards import client_address, origin_allowed
+from server.hub import CloseSocket, EventHub, Subscription, SubscriptionOverflow
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
@@ -25,6 +27,11 @@ router = APIRouter(tags=["chat"])
 SESSION_REFUSED = "Session not authenticated or expired token"
 BINARY_REFUSED = "Binary frames are not supported: send the message as a text frame"
 UNAVAILABLE = "The service is briefly unavailable; nothing was stored. Send it again."
+ORIGIN_REFUSED = "Origin not allowed"
+TOO_MANY_REASON = "Too many open connections for this session"
+QUEUED = (
+    "No worker is running right now; your message is queued and will be answered when one starts."
+)
 _CLOSING = object()  # returned by the receiver when the server is closing the socket
 
 
@@ -34,11 +41,42 @@ async def chat(
     store: StoreDep,
     hub: HubDep,
     settings: SettingsDep,
+    sockets: SocketsDep,
     token: str | None = None,
 ) -> None:
+    origin = websocket.headers.get("origin")
+    if not origin_allowed(origin, websocket.headers.get("host"), settings.socket_origins):
+        logger.info("socket refused: origin %r is not allowed", origin)
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=ORIGIN_REFUSED)
+        return
     if token is None or not await store.touch(token):
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
         return
+    socket_id = await sockets.open(token)
+    if socket_id is None:
+        await _refuse_one_too_many(websocket, token, sockets.max_per_session)
+        return
+    try:
+        await _serve(websocket, token, store, hub, settings)
+    finally:
+        await sockets.close(socket_id)
+
+
+async def _refuse_one_too_many(websocket: WebSocket, token: str, limit: int) -> None:
+    """Accepted so that the client can read why, then closed with 1008."""
+    logger.info("socket refused: session %s has %d open already", short(token), limit)
+    await websocket.accept()
+    detail = f"This session already has {limit} open connections; close one and reconnect"
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        await websocket.send_text(
+            dump_event(ErrorEvent(code=ErrorCode.TOO_MANY_CONNECTIONS, detail=detail))
+        )
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=TOO_MANY_REASON)
+
+
+async def _serve(
+    websocket: WebSocket, token: str, store: SessionStore, hub: EventHub, settings: Settings
+) -> None:
     # Subscribed before the handshake completes: a client whose socket is open receives every
     # event of its session from then on (a second tab included).
     async with hub.subscribe(token) as outbox:
@@ -46,7 +84,14 @@ async def chat(
         logger.info("socket opened for session %s", short(token))
         sender = asyncio.create_task(_send_events(websocket, outbox))
         receiver = asyncio.create_task(
-            _receive_frames(websocket, token, store, outbox, settings.max_message_chars)
+            _receive_frames(
+                websocket,
+                token,
+                store,
+                outbox,
+                settings.max_message_chars,
+                client_address(websocket),
+            )
         )
         await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         if _returned(receiver, _CLOSING):
@@ -73,12 +118,17 @@ async def _send_events(websocket: WebSocket, outbox: Subscription) -> None:
 
 
 async def _receive_frames(
-    websocket: WebSocket, token: str, store: SessionStore, outbox: Subscription, max_chars: int
+    websocket: WebSocket,
+    token: str,
+    store: SessionStore,
+    outbox: Subscription,
+    max_chars: int,
+    address: str,
 ) -> object:
     """Handle the client's frames until it disconnects (None) or the server closes (_CLOSING)."""
 
-    def reply_error(code: ErrorCode, detail: str) -> None:
-        outbox.put(dump_event(ErrorEvent(code=code, detail=detail)))
+    def reply_error(code: ErrorCode, detail: str, retry_after: int | None = None) -> None:
+        outbox.put(dump_event(ErrorEvent(code=code, detail=detail, retry_after=retry_after)))
 
     while True:
         frame = await websocket.receive()
@@ -99,15 +149,30 @@ async def _receive_frames(
                     reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
             case ChatMessage(message_text, client_id):
                 try:
-                    stored = await store.add_human_message(token, message_text, client_id)
+                    stored = await store.queue_message(
+                        token, message_text, client_id, address=address
+                    )
                 except RedisError:
                     logger.exception("could not queue a message for session %s", short(token))
                     reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
                     continue
-                if stored is None:
-                    reply_error(ErrorCode.SESSION_EXPIRED, "Session expired or does not exist")
-                    outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
-                    return _CLOSING
+                match stored:
+                    case None:
+                        reply_error(ErrorCode.SESSION_EXPIRED, "Session expired or does not exist")
+                        outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
+                        return _CLOSING
+                    case RateLimited(wait):
+                        reply_error(
+                            ErrorCode.RATE_LIMITED,
+                            f"Too many messages: wait {wait} s and send it again",
+                            retry_after=wait,
+                        )
+                    case Queued(message, workers_alive) if not workers_alive:
+                        # Only to this socket, after the message's ack.
+                        notice = NoticeEvent(
+                            code=NoticeCode.QUEUED, reply_to=message.id, detail=QUEUED
+                        )
+                        outbox.put_after_ack(message.id, dump_event(notice))
                 # The ack reaches every socket of the session through Pub/Sub, in order with
                 # the reply events that follow it.
 

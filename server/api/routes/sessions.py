@@ -3,36 +3,62 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 
 from core.models import Session, short
 from server.api.deps import SettingsDep, StoreDep
+from server.guards import http_rate_limit
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["sessions"])
 
 SESSION_MISSING = "Session expired or does not exist"
+RATE_LIMITED = {
+    "description": "Too many requests from this address; the Retry-After header says when to "
+    "try again"
+}
+
+
+def name_problem(name: str, max_chars: int) -> str | None:
+    """Why a (trimmed) name cannot be used, or None. The table is in docs/protocol.md:
+
+    - blank, or nothing visible (only spaces and invisible format characters such as U+200B):
+      refused;
+    - longer than `max_chars` code points: refused;
+    - control characters (NUL, tabs and newlines inside, C1 controls): refused;
+    - U+FFFD or lone surrogates, which is what bytes that are not UTF-8 (`%ED%A0%80`) decode
+      to: refused;
+    - any other Unicode (letters of every script, RTL text and marks, emoji with joiners):
+      kept exactly as sent.
+    """
+    categories = [unicodedata.category(char) for char in name]
+    if all(category in ("Zs", "Zl", "Zp", "Cf", "Cc") for category in categories):
+        return "Enter a valid name"
+    if len(name) > max_chars:
+        return f"Enter a valid name (at most {max_chars} characters)"
+    if "Cc" in categories:
+        return "Enter a valid name (no control characters)"
+    if "Cs" in categories or "\ufffd" in name:
+        return "Enter a valid name (it must be valid UTF-8 text)"
+    return None
 
 
 @router.post(
     "/token",
     response_model_exclude_none=True,
-    responses={400: {"description": "Blank or over-long name"}},
+    responses={400: {"description": "Blank, over-long or unusable name"}, 429: RATE_LIMITED},
+    dependencies=[
+        Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
+    ],
 )
 async def token_generator(name: str, store: StoreDep, settings: SettingsDep) -> Session:
     """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL."""
     name = name.strip()
-    if not name:
-        raise HTTPException(400, detail={"loc": "name", "msg": "Enter a valid name"})
-    if len(name) > settings.max_name_chars:
-        raise HTTPException(
-            400,
-            detail={
-                "loc": "name",
-                "msg": f"Enter a valid name (at most {settings.max_name_chars} characters)",
-            },
-        )
+    problem = name_problem(name, settings.max_name_chars)
+    if problem is not None:
+        raise HTTPException(400, detail={"loc": "name", "msg": problem})
     session = await store.create(name)
     logger.info("session %s started", short(session.token))
     return session
@@ -41,7 +67,12 @@ async def token_generator(name: str, store: StoreDep, settings: SettingsDep) -> 
 @router.get(
     "/refresh_token",
     response_model_exclude_none=True,
-    responses={400: {"description": SESSION_MISSING}},
+    responses={400: {"description": SESSION_MISSING}, 429: RATE_LIMITED},
+    dependencies=[
+        Depends(
+            http_rate_limit("http-refresh", lambda settings: settings.rate_limit_refresh_requests)
+        )
+    ],
 )
 async def refresh_token(token: str, store: StoreDep) -> Session:
     """The whole session with its history, oldest first; renews the session's TTL."""

@@ -1,0 +1,147 @@
+import { act, render, screen, within } from '@testing-library/react';
+import userEvent from '@testing-library/user-event';
+import { beforeEach, describe, expect, it } from 'vitest';
+import { App } from './App';
+import { TOKEN_KEY } from './chatClient';
+import { bot, FakeServer, flush, human, session, TOKEN } from './test/fakes';
+
+let server: FakeServer;
+
+beforeEach(() => {
+  server = new FakeServer();
+});
+
+async function openChat(messages = [human('h0', 'earlier'), bot('b0', 'h0', 'an **old** reply')]) {
+  localStorage.setItem(TOKEN_KEY, TOKEN);
+  server.always('/refresh_token', { status: 200, body: session(messages) });
+  const user = userEvent.setup();
+  render(<App client={server.makeClient()} />);
+  await act(async () => {
+    server.socket.open();
+    await flush();
+  });
+  return user;
+}
+
+const emit = (event: object) => act(() => server.socket.emit(event));
+const log = () => screen.getByRole('log', { name: 'Conversation' });
+
+describe('start screen', () => {
+  it("shows the server's error for an empty name, then starts the chat", async () => {
+    const user = userEvent.setup();
+    server.answer(
+      '/token',
+      { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } },
+      { status: 200, body: session([], 'Ann') },
+    );
+    server.always('/refresh_token', { status: 200, body: session([], 'Ann') });
+    render(<App client={server.makeClient()} />);
+    await user.click(screen.getByRole('button', { name: 'Start chatting' }));
+    expect(await screen.findByRole('alert')).toHaveTextContent('Enter a valid name');
+
+    await user.type(screen.getByLabelText('Your name'), 'Ann{Enter}');
+    expect(await screen.findByText('Ann')).toBeInTheDocument();
+    expect(screen.getByLabelText('Message')).toBeInTheDocument();
+  });
+});
+
+describe('chat screen', () => {
+  it('shows the history with timestamps and markdown', async () => {
+    await openChat();
+    const items = within(log()).getAllByRole('listitem');
+    expect(items).toHaveLength(2);
+    expect(within(items[1]).getByText('old').tagName).toBe('STRONG');
+    expect(items[0].querySelector('time')?.getAttribute('datetime')).toBe('2026-11-23T13:00:01.000Z');
+  });
+
+  it('sends on Enter, adds a line on Shift+Enter, and streams the reply', async () => {
+    const user = await openChat([]);
+    const box = screen.getByLabelText('Message');
+    await user.type(box, 'line one{Shift>}{Enter}{/Shift}line two');
+    expect(box).toHaveValue('line one\nline two');
+    await user.keyboard('{Enter}');
+    expect(box).toHaveValue('');
+    expect(server.socket.sentJson()).toEqual([
+      { type: 'message', msg: 'line one\nline two', client_id: 'c1' },
+    ]);
+    // Our message is there at once, the bot is typing, and Stop is offered.
+    expect(within(log()).getByText(/line one/)).toBeInTheDocument();
+    expect(screen.getByText('Bot is typing…')).toBeInTheDocument();
+    await user.click(screen.getByRole('button', { name: 'Stop the reply' }));
+    expect(server.socket.sentJson()[1]).toEqual({ type: 'stop' });
+
+    await emit({ type: 'ack', id: 'h1', msg: 'line one\nline two', timestamp: '2026-11-23T13:05:00Z', client_id: 'c1' });
+    await emit({ type: 'token', id: 'b1', reply_to: 'h1', delta: 'Par' });
+    expect(within(log()).getByText('Par')).toBeInTheDocument();
+    expect(screen.queryByText('Bot is typing…')).toBeNull();
+    await emit({ type: 'token', id: 'b1', reply_to: 'h1', delta: 'tial' });
+    expect(within(log()).getByText('Partial')).toBeInTheDocument();
+    await emit({
+      type: 'message',
+      id: 'b1',
+      reply_to: 'h1',
+      source: 'bot',
+      msg: 'Final `code`',
+      timestamp: '2026-11-23T13:05:01Z',
+    });
+    expect(within(log()).getByText('code').tagName).toBe('CODE');
+    expect(screen.queryByRole('button', { name: 'Stop the reply' })).toBeNull();
+    // Focus was on Stop, which is gone: it returns to the message box.
+    expect(box).toHaveFocus();
+  });
+
+  it('renders HTML in a reply as text, never as elements', async () => {
+    await openChat([]);
+    const evil = 'Look: <img src=x onerror="window.hacked=1"> and\n\n<script>window.hacked=2</script>';
+    await emit({ type: 'message', id: 'b1', reply_to: 'hx', source: 'bot', msg: evil, timestamp: 'T' });
+    const item = within(log()).getByText(/Look:/).closest('li') as HTMLElement;
+    expect(item.querySelector('img, script')).toBeNull();
+    expect(item).toHaveTextContent('<img src=x onerror="window.hacked=1">');
+    // A block of raw HTML becomes a paragraph of text.
+    expect(within(item).getByText('<script>window.hacked=2</script>').tagName).toBe('P');
+    expect((window as unknown as { hacked?: number }).hacked).toBeUndefined();
+  });
+
+  it('renders code blocks and drops javascript: links', async () => {
+    await openChat([]);
+    const md = '```python\nprint("hi")\n```\n\n[click](javascript:alert(1)) [ok](https://example.com)';
+    await emit({ type: 'message', id: 'b1', reply_to: 'hx', source: 'bot', msg: md, timestamp: 'T' });
+    expect(within(log()).getByText('print("hi")').closest('pre')).not.toBeNull();
+    expect(within(log()).getByText('click').getAttribute('href') ?? '').not.toMatch(/javascript/);
+    expect(within(log()).getByText('ok')).toHaveAttribute('rel', 'noopener noreferrer');
+  });
+
+  it('shows errors in words: a failed reply, a rejected message, a lost connection', async () => {
+    const user = await openChat([]);
+    await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
+    await emit({ type: 'error', reply_to: 'h1', code: 'model_unavailable', detail: 'The model is unavailable' });
+    expect(within(log()).getByText('The model is unavailable')).toBeInTheDocument();
+    expect(within(log()).getByText('Reply failed (model_unavailable)')).toBeInTheDocument();
+
+    await user.type(screen.getByLabelText('Message'), 'x{Enter}');
+    await emit({ type: 'error', code: 'too_large', detail: 'Message is too long (5000 > 4000)' });
+    expect(screen.getAllByText('Message is too long (5000 > 4000)')).toHaveLength(2); // bubble + banner
+    expect(screen.getByRole('button', { name: 'Send again' })).toBeInTheDocument();
+    await user.click(screen.getByRole('button', { name: 'Dismiss' }));
+
+    await act(() => server.socket.drop(1006));
+    expect(screen.getByRole('status')).toHaveTextContent(/Connection lost. Reconnecting in/);
+    expect(screen.getByRole('button', { name: 'Send' })).toBeDisabled();
+    await user.click(screen.getByRole('button', { name: 'Reconnect now' }));
+    expect(server.sockets).toHaveLength(2);
+  });
+
+  it('shows a queued notice under the message', async () => {
+    await openChat([]);
+    await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
+    await emit({ type: 'notice', code: 'queued', reply_to: 'h1', detail: 'No worker is running right now; your message is queued.' });
+    expect(screen.getByText(/your message is queued/)).toBeInTheDocument();
+  });
+
+  it('"New chat" returns to the start screen', async () => {
+    const user = await openChat();
+    await user.click(screen.getByRole('button', { name: 'New chat' }));
+    expect(screen.getByLabelText('Your name')).toBeInTheDocument();
+    expect(localStorage.getItem(TOKEN_KEY)).toBeNull();
+  });
+});

@@ -1,0 +1,86 @@
+import { useEffect, useMemo, useRef } from 'react';
+import type { ChatClient, ChatView } from '../chatClient';
+import { activity, arrange } from '../chatState';
+import { Composer } from './Composer';
+import { MessageItem } from './MessageItem';
+
+interface Props {
+  view: ChatView;
+  client: ChatClient;
+}
+
+export function ChatScreen({ view, client }: Props) {
+  const { chat } = view;
+  const entries = useMemo(() => arrange(chat.entries), [chat.entries]);
+  const { generating, typing } = useMemo(() => activity(chat), [chat]);
+  const logRef = useRef<HTMLOListElement>(null);
+  const stick = useRef(true);
+
+  // Keep the newest message in view unless the reader scrolled up.
+  useEffect(() => {
+    const log = logRef.current;
+    if (log && stick.current) log.scrollTop = log.scrollHeight;
+  }, [entries, typing]);
+
+  const connected = view.connection === 'open';
+
+  return (
+    <section className="chat" aria-label="Chat">
+      <header className="bar">
+        <span className="who">
+          Chatting as <strong>{view.name || '…'}</strong>
+        </span>
+        <button type="button" onClick={() => client.newChat()}>
+          New chat
+        </button>
+      </header>
+      <div className={`status ${view.connection}`} role="status" aria-live="polite">
+        <span>{view.status}</span>
+        {view.connection === 'waiting' && (
+          <button type="button" className="link" onClick={() => client.retryNow()}>
+            Reconnect now
+          </button>
+        )}
+      </div>
+      {view.banner && (
+        <div className="banner" role="alert">
+          <span>{view.banner}</span>
+          <button type="button" aria-label="Dismiss" onClick={() => client.dismissBanner()}>
+            ×
+          </button>
+        </div>
+      )}
+      <ol
+        className="log"
+        ref={logRef}
+        role="log"
+        aria-live="polite"
+        aria-label="Conversation"
+        tabIndex={0}
+        onScroll={(e) => {
+          const el = e.currentTarget;
+          stick.current = el.scrollHeight - el.scrollTop - el.clientHeight < 80;
+        }}
+      >
+        {entries.length === 0 && <li className="empty-log">Say hello to start the conversation.</li>}
+        {entries.map((entry) => (
+          <MessageItem
+            key={entry.key}
+            entry={entry}
+            notice={entry.id !== undefined ? chat.notices[entry.id] : undefined}
+            onResend={(key) => client.resend(key)}
+          />
+        ))}
+      </ol>
+      <p className="typing" aria-live="polite">
+        {typing ? 'Bot is typing…' : ''}
+      </p>
+      <Composer
+        connected={connected}
+        generating={generating}
+        onSend={(text) => client.send(text)}
+        onStop={() => client.stop()}
+      />
+    </section>
+  );
+}

@@ -1,0 +1,118 @@
+// The wire contract as the page sees it (docs/protocol.md, ../shared/PROTOCOL.md and the
+// additions agreed for notices, rate limits and connection limits).
+
+export type Source = 'human' | 'bot';
+
+export interface ReplyError {
+  code: string;
+  detail: string;
+}
+
+/** A message as stored in the session document (`/token`, `/refresh_token`). */
+export interface StoredMessage {
+  id: string;
+  source: Source;
+  msg: string;
+  timestamp: string;
+  reply_to?: string;
+  stopped?: boolean;
+  error?: ReplyError;
+}
+
+export interface SessionDocument {
+  token: string;
+  name: string;
+  session_start: string;
+  messages: StoredMessage[];
+}
+
+export interface AckEvent {
+  type: 'ack';
+  id: string;
+  msg: string;
+  timestamp: string;
+  client_id?: string;
+}
+
+export interface TokenEvent {
+  type: 'token';
+  id: string;
+  reply_to: string;
+  delta: string;
+}
+
+export interface MessageEvent {
+  type: 'message';
+  id: string;
+  reply_to: string;
+  source: 'bot';
+  msg: string;
+  timestamp: string;
+  stopped?: boolean;
+}
+
+export interface ErrorEvent {
+  type: 'error';
+  code: string;
+  detail: string;
+  reply_to?: string;
+  retry_after?: number;
+}
+
+export interface NoticeEvent {
+  type: 'notice';
+  code: string;
+  detail: string;
+  reply_to?: string;
+}
+
+export type ServerEvent = AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent;
+
+/** Notice codes the page knows; any other notice is ignored, as the protocol asks. */
+export const KNOWN_NOTICES = new Set(['queued']);
+
+/** Errors without `reply_to` that mean "the message you just sent was not stored". */
+export const SEND_ERRORS = new Set([
+  'bad_request',
+  'too_large',
+  'rate_limited',
+  'service_unavailable',
+]);
+
+export const CLOSE_POLICY = 1008;
+export const CLOSE_TOO_BIG = 1009;
+export const CLOSE_RESYNC = 1012;
+export const CLOSE_TOO_SLOW = 1013;
+
+const isString = (v: unknown): v is string => typeof v === 'string';
+
+/** Parses one server frame; null for anything that is not a known, well-formed event. */
+export function parseEvent(data: unknown): ServerEvent | null {
+  if (!isString(data)) return null;
+  let value: unknown;
+  try {
+    value = JSON.parse(data);
+  } catch {
+    return null;
+  }
+  if (typeof value !== 'object' || value === null) return null;
+  const e = value as Record<string, unknown>;
+  switch (e.type) {
+    case 'ack':
+      return isString(e.id) && isString(e.msg) ? (e as unknown as AckEvent) : null;
+    case 'token':
+      return isString(e.id) && isString(e.reply_to) && isString(e.delta)
+        ? (e as unknown as TokenEvent)
+        : null;
+    case 'message':
+      return isString(e.id) && isString(e.reply_to) && isString(e.msg)
+        ? (e as unknown as MessageEvent)
+        : null;
+    case 'error':
+      return isString(e.code) ? ({ detail: '', ...e } as unknown as ErrorEvent) : null;
+    case 'notice':
+      return isString(e.code) ? ({ detail: '', ...e } as unknown as NoticeEvent) : null;
+    default:
+      return null;
+  }
+}

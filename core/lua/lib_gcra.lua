@@ -1,0 +1,32 @@
+-- Prelude (prepended by core/store.py to the scripts that rate-limit): GCRA, the "generic cell
+-- rate algorithm". A key holds the theoretical arrival time (TAT, ms since the epoch) of the
+-- next request; `limit` requests per `period_ms` are allowed, `limit` of them at once.
+-- Every call is O(1): one GET, and one SET with a TTL when the request is allowed.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Returns (wait_ms, new_tat): wait_ms > 0 means refused (try again in wait_ms).
+local function gcra_check(key, limit, period_ms, now)
+  if limit <= 0 then
+    return 0, nil
+  end
+  local interval = math.max(1, math.floor(period_ms / limit))
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + interval
+  local wait = new_tat - now - period_ms
+  if wait > 0 then
+    return wait, nil
+  end
+  return 0, new_tat
+end
+
+local function gcra_commit(key, new_tat, now)
+  if new_tat ~= nil then
+    redis.call('SET', key, string.format('%d', new_tat), 'PX', math.max(1, new_tat - now))
+  end
+end
