@@ -228,11 +228,12 @@ class ChatUser:
             if text in self.ids:  # the history shows it was stored after all
                 return
             assert self._ws is not None
+            unavailable = self.unavailable  # before sending: the refusal may come at once
             try:
                 await self._ws.send(json.dumps({"type": "message", "msg": text}))
             except ConnectionClosed:
+                await self._disconnect()  # reconnect (and look in the history) next round
                 continue
-            unavailable = self.unavailable
             give_up = time.monotonic() + 30
             # Wait for the ack, an error, or the socket to close.
             while text not in self.ids and self.connected and self.unavailable == unavailable:
