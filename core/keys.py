@@ -49,6 +49,11 @@ class Keys:
         """Lease held by the worker generating for a session (per-session order)."""
         return f"{self.prefix}:lock:{token}"
 
+    def attempts(self, message_id: str) -> str:
+        """How many generations of a reply to this message started and never finished: a
+        count that only a dying worker leaves raised (the poison-message guard)."""
+        return f"{self.prefix}:attempts:{message_id}"
+
     def stop(self, token: str) -> str:
         """Time (epoch microseconds) of the session's latest stop request."""
         return f"{self.prefix}:stop:{token}"

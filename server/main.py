@@ -6,9 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from redis.exceptions import RedisError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from core.config import Settings, get_settings
@@ -50,6 +52,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await redis.aclose()
 
 
+REDIS_UNAVAILABLE = "The service is briefly unavailable; try again in a moment."
+
+
+async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """An HTTP request that needed Redis while it was unreachable (the client retries)."""
+    logger.warning("%s %s: Redis unavailable (%s)", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": REDIS_UNAVAILABLE}, status_code=503, headers={"Retry-After": "1"}
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -72,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # request comes from one of these proxies; anyone else's header is ignored.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.include_router(api_router)
+    app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir
     if client_dir.is_dir():
         app.mount("/", StaticFiles(directory=client_dir, html=True), name="client")

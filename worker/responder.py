@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
+
+from redis.exceptions import RedisError
 
 from core.config import Settings
 from core.models import (
@@ -43,17 +46,16 @@ class Responder:
         if signal is not None:
             signal.set()
 
-    async def answer_through(
-        self, token: str, message_id: str, lease: SessionLease, poisoned: bool = False
-    ) -> None:
+    async def answer_through(self, token: str, message_id: str, lease: SessionLease) -> None:
         """Answer the session's unanswered messages up to and including `message_id`.
 
         Oldest first: if an earlier message is still unanswered (its worker died and it has not
         been reclaimed yet), it is answered before this one, so the prompt always holds the
         previous reply. Messages already answered are left alone (exactly once).
 
-        `poisoned`: this message was taken from dead workers too many times; it gets an error
-        reply instead of one more attempt that may kill this worker too.
+        A message whose generation was cut short by a dying worker more than
+        WORKER_MAX_DELIVERIES times gets an error reply instead of one more attempt that may
+        kill this worker too (see `_begin_attempt`).
         """
         while True:
             # Listen first, then look: a stop arriving between the two is not missed.
@@ -70,9 +72,6 @@ class Responder:
                     return
                 due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
                 if not due:
-                    return
-                if poisoned and due[0].id == message_id:
-                    await self._give_up(token, due[0], lease)
                     return
                 if stopped_at is not None and stopped_at >= due[0].timestamp:
                     stop.set()  # stopped before generation started
@@ -98,7 +97,55 @@ class Responder:
         )
         await self._store_reply(token, reply, lease)
 
+    async def _begin_attempt(self, message_id: str) -> int:
+        """Count one more generation of a reply to `message_id`; returns the count.
+
+        The count goes back down when the attempt ends in a way this process sees and expects
+        (a reply stored, a Redis outage, a lost lease, a shutdown), so only attempts whose
+        worker died (or that hit an unexpected failure) stay counted. The stream's delivery
+        count is no measure of that: every entry a dead worker held is delivered again, the
+        ones it was only holding (waiting for the session's lease or a slot) included.
+        """
+        key = self._store.keys.attempts(message_id)
+        async with self._store.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, self._settings.session_ttl_seconds)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def _end_attempt(self, message_id: str, *, answered: bool) -> None:
+        key = self._store.keys.attempts(message_id)
+        with contextlib.suppress(RedisError, OSError):
+            if answered:
+                await self._store.redis.delete(key)
+                return
+            async with self._store.redis.pipeline(transaction=True) as pipe:
+                pipe.decr(key)
+                pipe.expire(key, self._settings.session_ttl_seconds)
+                await pipe.execute()
+
     async def _answer(
+        self,
+        token: str,
+        messages: Sequence[Message],
+        human: Message,
+        lease: SessionLease,
+        stop: asyncio.Event,
+    ) -> None:
+        if await self._begin_attempt(human.id) > self._settings.worker_max_deliveries:
+            await self._give_up(token, human, lease)
+            await self._end_attempt(human.id, answered=True)
+            return
+        try:
+            await self._generate_and_store(token, messages, human, lease, stop)
+        except (RedisError, OSError, LeaseLost, asyncio.CancelledError):
+            # Redis outage, session taken over, shutdown: not a dead worker (this process is
+            # still here to see it), so it does not count. Any other failure does.
+            await self._end_attempt(human.id, answered=False)
+            raise
+        await self._end_attempt(human.id, answered=True)
+
+    async def _generate_and_store(
         self,
         token: str,
         messages: Sequence[Message],

@@ -254,8 +254,7 @@ class Worker:
                     entry_id,
                     deliveries,
                 )
-                poisoned = deliveries > self.settings.worker_max_deliveries
-                self._dispatch(entry_id, fields, poisoned=poisoned)
+                self._dispatch(entry_id, fields)
             if start == "0-0":
                 break
         await self._forget_dead_consumers()
@@ -333,14 +332,10 @@ class Worker:
 
     # --- Entries ---------------------------------------------------------------------------
 
-    def _dispatch(
-        self, entry_id: str, fields: dict[str, str] | None, *, poisoned: bool = False
-    ) -> None:
+    def _dispatch(self, entry_id: str, fields: dict[str, str] | None) -> None:
         if entry_id in self._entries:
             return
-        task = asyncio.create_task(
-            self._handle(entry_id, fields or {}, poisoned), name=f"entry-{entry_id}"
-        )
+        task = asyncio.create_task(self._handle(entry_id, fields or {}), name=f"entry-{entry_id}")
         self._entries[entry_id] = task
 
         def done(_: asyncio.Task[None]) -> None:
@@ -349,7 +344,7 @@ class Worker:
 
         task.add_done_callback(done)
 
-    async def _handle(self, entry_id: str, fields: dict[str, str], poisoned: bool) -> None:
+    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
         assert self._redis is not None and self._leases is not None and self._responder is not None
         token, message_id = fields.get("token", ""), fields.get("id", "")
         if not (is_uuid4(token) and is_uuid4(message_id)):
@@ -360,7 +355,7 @@ class Worker:
             lease = await self._leases.acquire(token)
             try:
                 async with self._slots:
-                    await self._responder.answer_through(token, message_id, lease, poisoned)
+                    await self._responder.answer_through(token, message_id, lease)
             except BaseException:
                 await self._leases.release(lease)
                 raise
@@ -374,8 +369,7 @@ class Worker:
         except (RedisError, OSError) as exc:
             logger.warning("entry %s left pending for a retry: %s", entry_id, exc)
         except Exception:
-            # Left pending: reclaimed after a lease, and failed for good after
-            # WORKER_MAX_DELIVERIES attempts.
+            # Left pending: reclaimed after a lease and tried again.
             logger.exception("entry %s failed; left pending for a retry", entry_id)
 
 

@@ -206,6 +206,11 @@ class ModelServerBehaviour:
     """Faults consumed from the front, one per generation request that passed the checks
     (JSON body, auth, required fields). An empty script means "answer normally"."""
 
+    faults_for: dict[str, Fault] = field(default_factory=dict)
+    """Standing faults by text: a generation request whose last user text (chat) or inputs
+    (text generation) contains a key gets that fault, every time, and the script is not
+    consumed. Lets one session misbehave while the others are answered normally."""
+
     reply_override: str | None = None
     """Reply with this text instead of the echo (stop strings still apply)."""
 
@@ -600,7 +605,10 @@ class ModelServer:
         token = self.behaviour.require_token
         return token is None or request.headers.get("authorization") == f"Bearer {token}"
 
-    def _next_fault(self) -> Fault | None:
+    def _next_fault(self, text: str) -> Fault | None:
+        for marker, fault in self.behaviour.faults_for.items():
+            if marker in text:
+                return fault
         script = self.behaviour.script
         return script.pop(0) if script else None
 
@@ -669,7 +677,9 @@ class ModelServer:
         parameters: dict[str, Any] = raw_parameters or {}
         model_id = str(request.path_params.get("model_id", self.model_id))
 
-        outcome = await self._apply_fault(self._next_fault(), model_id=model_id, openai_style=False)
+        outcome = await self._apply_fault(
+            self._next_fault(hf_echo_reply(inputs)), model_id=model_id, openai_style=False
+        )
         if isinstance(outcome, Response):
             return outcome
         cut = outcome
@@ -762,7 +772,9 @@ class ModelServer:
         if not isinstance(model, str) or not model:
             model = str(request.path_params.get("model_id", self.model_id))
 
-        outcome = await self._apply_fault(self._next_fault(), model_id=model, openai_style=True)
+        outcome = await self._apply_fault(
+            self._next_fault(chat_echo_reply(messages)), model_id=model, openai_style=True
+        )
         if isinstance(outcome, Response):
             return outcome
         cut = outcome

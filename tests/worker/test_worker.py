@@ -199,17 +199,46 @@ async def test_a_message_that_keeps_killing_workers_gets_an_error_reply(
     )
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
-    await store.add_human_message(session.token, "the deadly question")
+    message = await store.add_human_message(session.token, "the deadly question")
+    assert message is not None
     await ensure_group(redis, store.keys)
-    # Two workers took it and died (delivery count 2), leaving it pending and idle.
+    # Two workers started answering it and died (their attempts stay counted), leaving it
+    # pending and idle.
     await redis.xreadgroup(store.keys.group, "dead-1", {store.keys.requests: ">"})
     await redis.xautoclaim(store.keys.requests, store.keys.group, "dead-2", min_idle_time=0)
+    await redis.set(store.keys.attempts(message.id), 2, ex=60)
     async with running_worker(settings):
         messages = await wait_for_replies(store, session.token, 1)
     assert model_server.requests == []
     reply = messages[-1]
     assert reply.error is not None and reply.error.code == "model_error"
     assert "could not be answered" in reply.error.detail
+    assert await pending_count(redis, settings) == 0
+
+
+async def test_a_message_only_held_by_dead_workers_is_still_answered(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    """Regression (found by the fault suite): every entry a killed worker held is delivered
+    again, also the ones it was only holding while it answered another message of the
+    session. Such deliveries must not make the message look like one that kills workers."""
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, worker_max_deliveries=2
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    message = await store.add_human_message(session.token, "an innocent question")
+    assert message is not None
+    await ensure_group(redis, store.keys)
+    # Five workers held it and died before generating for it (delivery count 5 > 2).
+    await redis.xreadgroup(store.keys.group, "dead-0", {store.keys.requests: ">"})
+    for n in range(1, 5):
+        await redis.xautoclaim(store.keys.requests, store.keys.group, f"dead-{n}", min_idle_time=0)
+    async with running_worker(settings):
+        messages = await wait_for_replies(store, session.token, 1)
+    reply = messages[-1]
+    assert reply.error is None and reply.msg == "echo: an innocent question"
+    assert await redis.exists(store.keys.attempts(message.id)) == 0
     assert await pending_count(redis, settings) == 0
 
 
