@@ -18,6 +18,7 @@ from core.keys import Keys
 from core.logs import configure_logging
 from core.redis import create_redis, ensure_group
 from core.store import SessionStore
+from server.api.errors import unavailable_response
 from server.api.main import api_router
 from server.hub import EventHub
 from server.sockets import SocketRegistry
@@ -52,15 +53,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await redis.aclose()
 
 
-REDIS_UNAVAILABLE = "The service is briefly unavailable; try again in a moment."
-
-
 async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """An HTTP request that needed Redis while it was unreachable (the client retries)."""
     logger.warning("%s %s: Redis unavailable (%s)", request.method, request.url.path, exc)
-    return JSONResponse(
-        {"detail": REDIS_UNAVAILABLE}, status_code=503, headers={"Retry-After": "1"}
-    )
+    return unavailable_response()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,4 +1,4 @@
-"""HTTP routes while Redis is unreachable: a clear 503 the client can retry, not a bare 500."""
+"""Routes while Redis is unreachable: a clear 503 the client can retry, not a bare 500."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from launcher.redis_server import EmbeddedRedis, free_port
-from server.main import REDIS_UNAVAILABLE, create_app
+from server.api.errors import REDIS_UNAVAILABLE
+from server.main import create_app
 from tests.conftest import make_settings
 from tests.support.asgi_server import InProcessServer
 
@@ -34,3 +38,41 @@ async def test_session_routes_answer_503_while_redis_is_down(tmp_path: Path) -> 
     # The session survived the restart (AOF) and the same client connection pool recovers.
     assert after.status_code == 200
     assert after.json()["token"] == token
+
+
+async def test_socket_handshake_answers_503_while_redis_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with EmbeddedRedis(free_port(), tmp_path) as restarted:
+        async with (
+            InProcessServer(create_app(make_settings(restarted.url))) as served,
+            httpx.AsyncClient(base_url=served.url) as http,
+        ):
+            token = (await http.post("/token", params={"name": "Ann"})).json()["token"]
+            url = f"{served.url.replace('http', 'ws', 1)}/chat?token={token}"
+            await asyncio.to_thread(restarted.stop)
+            with pytest.raises(InvalidStatus) as refused:
+                async with websockets.connect(url):
+                    pass
+            await asyncio.to_thread(restarted.start)
+            ack = await _first_reply_on_a_socket_that_stays(url)
+    response = refused.value.response
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert REDIS_UNAVAILABLE in response.body.decode()
+    # One warning line, not a traceback per attempt.
+    assert not [r for r in caplog.records if r.exc_info]
+    assert '"type":"ack"' in str(ack)
+
+
+async def _first_reply_on_a_socket_that_stays(url: str) -> str | bytes:
+    """Like a client: reconnect until the server keeps the socket (the first one after the
+    outage may be closed with 1012 when the server's Pub/Sub connection comes back)."""
+    for _ in range(20):
+        try:
+            async with websockets.connect(url) as socket:
+                await socket.send("back again")
+                return await asyncio.wait_for(socket.recv(), 10)
+        except websockets.ConnectionClosed:
+            await asyncio.sleep(0.2)
+    raise AssertionError("the server never kept a socket after the outage")

@@ -17,6 +17,7 @@ from core.config import Settings
 from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
 from core.store import Queued, RateLimited, SessionStore
 from server.api.deps import HubDep, SettingsDep, SocketsDep, StoreDep
+from server.api.errors import REDIS_UNAVAILABLE, unavailable_response
 from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
 from server.guards import client_address, origin_allowed
 from server.hub import CloseSocket, EventHub, Subscription, SubscriptionOverflow
@@ -49,10 +50,15 @@ async def chat(
         logger.info("socket refused: origin %r is not allowed", origin)
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=ORIGIN_REFUSED)
         return
-    if token is None or not await store.touch(token):
-        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
+    try:
+        if token is None or not await store.touch(token):
+            await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
+            return
+        socket_id = await sockets.open(token)
+    except (RedisError, OSError) as exc:
+        logger.warning("socket refused: Redis is unreachable (%s)", exc)
+        await _refuse_while_unavailable(websocket)
         return
-    socket_id = await sockets.open(token)
     if socket_id is None:
         await _refuse_one_too_many(websocket, token, sockets.max_per_session)
         return
@@ -60,6 +66,18 @@ async def chat(
         await _serve(websocket, token, store, hub, settings)
     finally:
         await sockets.close(socket_id)
+
+
+async def _refuse_while_unavailable(websocket: WebSocket) -> None:
+    """Redis is down: refuse the handshake with HTTP 503 and `Retry-After`, the same answer
+    as the HTTP routes, so a client can tell it from a refused token (403) and retry.
+
+    uvicorn's websockets-sansio protocol then logs "ASGI callable returned without completing
+    handshake" although the 503 went out (upstream: Kludex/uvicorn#3138)."""
+    try:
+        await websocket.send_denial_response(unavailable_response())
+    except RuntimeError:  # a server without the denial-response extension: plain refusal
+        await websocket.close(code=status.WS_1011_INTERNAL_ERROR, reason=REDIS_UNAVAILABLE)
 
 
 async def _refuse_one_too_many(websocket: WebSocket, token: str, limit: int) -> None:
