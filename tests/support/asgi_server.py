@@ -27,6 +27,8 @@ class InProcessServer:
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("timeout_graceful_shutdown", 5)
+        # As `python -m server`: X-Forwarded-For is trusted only through FORWARDED_ALLOW_IPS.
+        config.setdefault("proxy_headers", False)
         self.app = app
         self._config = uvicorn.Config(app, host=host, port=port, **config)
         self._server = _QuietSignalsServer(self._config)
