@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from core.heap import freeze_startup_heap
 from server.__main__ import WS_MAX_FRAME_BYTES
 
 
@@ -52,4 +53,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    freeze_startup_heap()  # as `python -m server` and `python -m worker` do
     main()

@@ -17,6 +17,8 @@ import json
 import signal
 from collections.abc import Sequence
 
+from core.heap import freeze_startup_heap
+
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
 WORDS = ("bench", "reply", "from", "the", "instant", "model", "server", "done")
@@ -117,4 +119,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    freeze_startup_heap()  # as `python -m server` and `python -m worker` do
     main()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.client import ChatSocket, LoadResult, closed_loop, new_sessions
 from bench.support import Bench, Table, machine_line, percentile, quiet_logging, ratio, stack_env
 from core.config import Settings
+from core.heap import freeze_startup_heap
 
 SLOTS = Settings(_env_file=None).worker_concurrency
 
@@ -121,4 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # The load generator's own GC pauses would count as service latency: none during a run.
+    freeze_startup_heap()
+    gc.disable()
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 from bench.client import ChatSocket, new_sessions
 from bench.support import Bench, Table, machine_line, median, quiet_logging, ratio, stack_env
 from core.config import Settings
+from core.heap import freeze_startup_heap
 from core.models import Message, Source
 from core.prompt import chat_turns
 from worker.backends.local import default_model_path
@@ -187,4 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # The load generator's own GC pauses would count as service latency: none during a run.
+    freeze_startup_heap()
+    gc.disable()
     main()

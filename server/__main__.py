@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from core.config import get_settings
+from core.heap import freeze_startup_heap
 from core.logs import configure_logging
 
 # Frames larger than this are refused by uvicorn with close code 1009 before we parse them;
@@ -15,6 +16,9 @@ WS_MAX_FRAME_BYTES = 1024 * 1024
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
+    import server.main  # noqa: F401  (the app's imports, before the heap is frozen)
+
+    freeze_startup_heap()
     uvicorn.run(
         "server.main:create_app",
         factory=True,

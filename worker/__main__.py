@@ -9,12 +9,15 @@ import sys
 from collections.abc import Callable
 
 from core.config import Settings, get_settings
+from core.heap import freeze_startup_heap
 from core.logs import configure_logging
+from worker.backends import create_backend
 from worker.worker import Worker, WorkerFailed
 
 
 async def serve(settings: Settings) -> None:
-    worker = Worker(settings)
+    worker = Worker(settings, create_backend(settings))  # the backend's imports happen here
+    freeze_startup_heap()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.request_stop)
