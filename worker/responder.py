@@ -53,8 +53,8 @@ class Responder:
         been reclaimed yet), it is answered before this one, so the prompt always holds the
         previous reply. Messages already answered are left alone (exactly once).
 
-        A message whose generation was cut short by a dying worker more than
-        WORKER_MAX_DELIVERIES times gets an error reply instead of one more attempt that may
+        A message whose generation was cut short by a dying worker WORKER_MAX_DELIVERIES
+        times gets an error reply instead of one more attempt that may
         kill this worker too (see `_begin_attempt`).
         """
         while True:

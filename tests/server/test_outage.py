@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from core.keys import Keys
 from launcher.redis_server import EmbeddedRedis, free_port
 from server.api.errors import REDIS_UNAVAILABLE
 from server.main import create_app
@@ -76,3 +79,29 @@ async def _first_reply_on_a_socket_that_stays(url: str) -> str | bytes:
         except websockets.ConnectionClosed:
             await asyncio.sleep(0.2)
     raise AssertionError("the server never kept a socket after the outage")
+
+
+class _HubThatCannotSubscribe:
+    """Stands in for the event hub when Redis never confirms a subscription."""
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, token: str) -> AsyncIterator[None]:
+        raise TimeoutError("no confirmation from Redis")
+        yield
+
+
+async def test_socket_handshake_answers_503_when_subscribing_fails(redis_url: str) -> None:
+    app = create_app(make_settings(redis_url))
+    async with (
+        InProcessServer(app) as served,
+        httpx.AsyncClient(base_url=served.url) as http,
+    ):
+        token = (await http.post("/token", params={"name": "Ann"})).json()["token"]
+        app.state.hub = _HubThatCannotSubscribe()
+        url = f"{served.url.replace('http', 'ws', 1)}/chat?token={token}"
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.connect(url):
+                pass
+        left_open = await app.state.redis.zcard(Keys(app.state.settings.key_prefix).sockets(token))
+    assert refused.value.response.status_code == 503
+    assert left_open == 0  # the socket's slot was given back

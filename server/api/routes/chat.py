@@ -12,6 +12,7 @@ import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from redis.exceptions import RedisError
+from starlette.websockets import WebSocketState
 
 from core.config import Settings
 from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
@@ -64,6 +65,12 @@ async def chat(
         return
     try:
         await _serve(websocket, token, store, hub, settings)
+    except (RedisError, OSError, TimeoutError) as exc:
+        if websocket.client_state is not WebSocketState.CONNECTING:
+            raise
+        # Subscribing to the session's events failed, before the handshake completed.
+        logger.warning("socket refused: could not subscribe to its events (%s)", exc)
+        await _refuse_while_unavailable(websocket)
     finally:
         await sockets.close(socket_id)
 
