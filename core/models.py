@@ -127,6 +127,8 @@ class ErrorEvent(BaseModel):
     detail: str
     # `rate_limited` only: whole seconds (>= 1) to wait before sending again.
     retry_after: int | None = None
+    # The `client_id` of the message command this error refuses, when it had one.
+    client_id: str | None = None
 
 
 class NoticeEvent(BaseModel):

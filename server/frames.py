@@ -35,6 +35,7 @@ class StopGeneration:
 class FrameError:
     code: ErrorCode
     detail: str
+    client_id: str | None = None  # of a refused message command, so the sender can match it
 
 
 Frame = ChatMessage | StopGeneration | FrameError
@@ -77,10 +78,11 @@ def _parse_command(command: dict[str, object], max_chars: int) -> Frame:
 def _chat_message(text: str, max_chars: int, client_id: str | None = None) -> Frame:
     text = text.strip()
     if not text:
-        return FrameError(ErrorCode.BAD_REQUEST, "Message is empty")
+        return FrameError(ErrorCode.BAD_REQUEST, "Message is empty", client_id)
     if len(text) > max_chars:
         return FrameError(
             ErrorCode.TOO_LARGE,
             f"Message is {len(text)} characters long; the limit is {max_chars}",
+            client_id,
         )
     return ChatMessage(text, client_id)

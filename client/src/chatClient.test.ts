@@ -121,6 +121,22 @@ describe('conversation events', () => {
     expect(shown()).toEqual(['human:too fast:sending']);
   });
 
+  it('marks the message a send error names by client_id, not the oldest waiting one', async () => {
+    await startChat([]);
+    client.send('first');
+    client.send('second');
+    server.socket.emit({
+      type: 'error',
+      code: 'rate_limited',
+      detail: 'Too many messages: wait 3 s and send it again',
+      retry_after: 3,
+      client_id: 'c2',
+    });
+    expect(shown()).toEqual(['human:first:sending', 'human:second:failed']);
+    server.socket.emit({ type: 'ack', id: 'h1', msg: 'first', timestamp: 'T', client_id: 'c1' });
+    expect(shown()).toEqual(['human:first:sent', 'human:second:failed']);
+  });
+
   it('shows a queued notice on the message until its reply arrives', async () => {
     await startChat([]);
     client.send('anyone?');

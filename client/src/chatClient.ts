@@ -13,7 +13,7 @@ import {
   type ChatState,
   emptyState,
   failLost,
-  failOldestSending,
+  failSending,
   mergeHistory,
   removeEntry,
 } from './chatState';
@@ -418,9 +418,12 @@ export class ChatClient {
       return;
     }
     if (SEND_ERRORS.has(event.code)) {
-      const oldest = this.view.chat.entries.find((e) => e.status === 'sending');
-      if (oldest?.clientId !== undefined) this.unacked.delete(oldest.clientId);
-      this.setChat((chat) => failOldestSending(chat, detail));
+      const named = event.client_id;
+      const failed = this.view.chat.entries.find(
+        (e) => e.status === 'sending' && (named === undefined || e.clientId === named),
+      );
+      if (failed?.clientId !== undefined) this.unacked.delete(failed.clientId);
+      this.setChat((chat) => failSending(chat, detail, named));
     }
     this.set({ banner: detail });
   }

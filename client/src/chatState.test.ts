@@ -12,7 +12,7 @@ import {
   type ChatState,
   emptyState,
   failLost,
-  failOldestSending,
+  failSending,
   mergeHistory,
 } from './chatState';
 import { bot, human } from './test/fakes';
@@ -54,11 +54,17 @@ describe('sending and acks', () => {
     expect(applyAck(once, ack('h1', 'hi'))).toBe(once);
   });
 
-  it('fails the oldest unacknowledged message on a send error', () => {
+  it('fails the oldest unacknowledged message on a send error that names none', () => {
     let s = addLocal(addLocal(emptyState, 'c1', 'a', T), 'c2', 'b', T);
-    s = failOldestSending(s, 'Too many messages: wait 3 s and send it again');
+    s = failSending(s, 'Too many messages: wait 3 s and send it again');
     expect(s.entries.map((e) => e.status)).toEqual(['failed', 'sending']);
     expect(s.entries[0].failReason).toContain('wait 3 s');
+  });
+
+  it('fails the message a send error names by client_id, not the oldest', () => {
+    let s = addLocal(addLocal(emptyState, 'c1', 'a', T), 'c2', 'b', T);
+    s = failSending(s, 'Too many messages: wait 3 s and send it again', 'c2');
+    expect(s.entries.map((e) => e.status)).toEqual(['sending', 'failed']);
   });
 });
 

@@ -172,8 +172,14 @@ export function applyReplyError(state: ChatState, ev: ErrorEvent): ChatState {
  * An error without `reply_to` about a message we sent: the oldest of our messages still
  * waiting for its ack was not stored (the server handles a socket's frames in order).
  */
-export function failOldestSending(state: ChatState, reason: string): ChatState {
-  const index = state.entries.findIndex((e) => e.status === 'sending');
+/**
+ * A send error: the message the error names by `client_id`, or, for an error that names none
+ * (an older server, a plain-text frame), the oldest of ours still waiting for its ack.
+ */
+export function failSending(state: ChatState, reason: string, clientId?: string): ChatState {
+  const index = state.entries.findIndex(
+    (e) => e.status === 'sending' && (clientId === undefined || e.clientId === clientId),
+  );
   if (index < 0) return state;
   return replace(state, index, { ...state.entries[index], status: 'failed', failReason: reason });
 }

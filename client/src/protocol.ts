@@ -57,6 +57,8 @@ export interface ErrorEvent {
   detail: string;
   reply_to?: string;
   retry_after?: number;
+  /** The refused message command's `client_id`, when it had one. */
+  client_id?: string;
 }
 
 export interface NoticeEvent {

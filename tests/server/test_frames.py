@@ -51,3 +51,16 @@ def test_rejected_frames(frame: str, code: ErrorCode, words: str) -> None:
     assert isinstance(result, FrameError)
     assert result.code is code
     assert words in result.detail
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ('{"type": "message", "msg": " ", "client_id": "c9"}', ErrorCode.BAD_REQUEST),
+        ('{"type": "message", "msg": "%s", "client_id": "c9"}' % ("x" * 21), ErrorCode.TOO_LARGE),
+    ],
+)
+def test_a_refused_message_command_keeps_its_client_id(frame: str, code: ErrorCode) -> None:
+    refused = parse_frame(frame, LIMIT)
+    assert isinstance(refused, FrameError)
+    assert (refused.code, refused.client_id) == (code, "c9")

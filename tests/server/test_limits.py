@@ -4,6 +4,7 @@ limits shared by two server apps (two processes' worth of state) on one Redis.""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -120,6 +121,26 @@ async def test_session_limit_holds_across_two_servers(
     assert refused["code"] == "rate_limited"
     assert refused_too["code"] == "rate_limited"
     assert len(history["messages"]) == 4
+
+
+async def test_a_refused_message_command_names_its_client_id(
+    redis_url: str, model_server: ModelServer
+) -> None:
+    settings = limited(
+        redis_url, model_server, rate_limit_session_messages=1, rate_limit_window_seconds=60
+    )
+    async with running_stack(settings, workers=0) as stack:
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            accepted = await outcome(chat, "first")
+            await chat.send(json.dumps({"type": "message", "msg": "second", "client_id": "tab-2"}))
+            async with asyncio.timeout(15):
+                refused = await chat.next_event()
+                while refused["type"] != "error":
+                    refused = await chat.next_event()
+    assert accepted["type"] == "ack"
+    assert refused["code"] == "rate_limited"
+    assert refused["client_id"] == "tab-2"  # the sending tab knows which bubble failed
 
 
 async def test_address_limit_holds_across_sessions_and_servers(

@@ -152,8 +152,14 @@ async def _receive_frames(
 ) -> object:
     """Handle the client's frames until it disconnects (None) or the server closes (_CLOSING)."""
 
-    def reply_error(code: ErrorCode, detail: str, retry_after: int | None = None) -> None:
-        outbox.put(dump_event(ErrorEvent(code=code, detail=detail, retry_after=retry_after)))
+    def reply_error(
+        code: ErrorCode,
+        detail: str,
+        retry_after: int | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        event = ErrorEvent(code=code, detail=detail, retry_after=retry_after, client_id=client_id)
+        outbox.put(dump_event(event))
 
     while True:
         frame = await websocket.receive()
@@ -164,8 +170,8 @@ async def _receive_frames(
             reply_error(ErrorCode.BAD_REQUEST, BINARY_REFUSED)
             continue
         match parse_frame(text, max_chars):
-            case FrameError(code, detail):
-                reply_error(code, detail)
+            case FrameError(code, detail, client_id):
+                reply_error(code, detail, client_id=client_id)
             case StopGeneration():
                 try:
                     await store.request_stop(token)
@@ -179,11 +185,15 @@ async def _receive_frames(
                     )
                 except RedisError:
                     logger.exception("could not queue a message for session %s", short(token))
-                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
+                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE, client_id=client_id)
                     continue
                 match stored:
                     case None:
-                        reply_error(ErrorCode.SESSION_EXPIRED, "Session expired or does not exist")
+                        reply_error(
+                            ErrorCode.SESSION_EXPIRED,
+                            "Session expired or does not exist",
+                            client_id=client_id,
+                        )
                         outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
                         return _CLOSING
                     case RateLimited(wait):
@@ -191,6 +201,7 @@ async def _receive_frames(
                             ErrorCode.RATE_LIMITED,
                             f"Too many messages: wait {wait} s and send it again",
                             retry_after=wait,
+                            client_id=client_id,
                         )
                     case Queued(message, workers_alive) if not workers_alive:
                         # Only to this socket, after the message's ack.
