@@ -107,9 +107,13 @@ async def _serve(
     async with hub.subscribe(token) as outbox:
         await websocket.accept()
         logger.info("socket opened for session %s", short(token))
+        # The sender is a task; this handler's own task receives. (One task fewer per socket
+        # than a task for each: about 1 KiB of an idle socket's cost, docs/benchmarks.md.)
+        # If the sender closes the socket first (a resync, a slow client), the client's close
+        # reply ends the receiving too.
         sender = asyncio.create_task(_send_events(websocket, outbox))
-        receiver = asyncio.create_task(
-            _receive_frames(
+        try:
+            received: object = await _receive_frames(
                 websocket,
                 token,
                 store,
@@ -117,15 +121,16 @@ async def _serve(
                 settings.max_message_chars,
                 client_address(websocket),
             )
-        )
-        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        if _returned(receiver, _CLOSING):
-            # The server is closing: let the sender deliver what is queued, then the close.
-            await asyncio.wait({sender}, timeout=5)
-        for task in (sender, receiver):
-            task.cancel()
+        except (WebSocketDisconnect, RuntimeError):  # the connection was already gone
+            received = None
+        try:
+            if received is _CLOSING:
+                # The server is closing: let the sender deliver what is queued, then the close.
+                await asyncio.wait({sender}, timeout=5)
+        finally:
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await task
+                await sender
     logger.info("socket closed for session %s", short(token))
 
 
@@ -211,9 +216,3 @@ async def _receive_frames(
                         outbox.put_after_ack(message.id, dump_event(notice))
                 # The ack reaches every socket of the session through Pub/Sub, in order with
                 # the reply events that follow it.
-
-
-def _returned(task: asyncio.Task[object], value: object) -> bool:
-    return (
-        task.done() and not task.cancelled() and task.exception() is None and task.result() is value
-    )
