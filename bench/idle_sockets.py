@@ -12,9 +12,7 @@ It runs with permessage-deflate offered by the client (as browsers do) and witho
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
 import json
 import logging
 import time
@@ -28,13 +26,14 @@ from bench.client import gather_limited, open_socket, seed_sessions
 from bench.support import (
     Bench,
     Table,
+    command_line,
     machine_line,
     quiet_logging,
     raise_open_files,
     rss_kib,
+    run_as_program,
     stack_env,
 )
-from core.heap import freeze_startup_heap
 from core.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -165,19 +164,10 @@ def table(results: Sequence[Result], options: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--sockets", type=int)
-    args = parser.parse_args(argv)
-    options = QUICK if args.quick else Options()
-    if args.sockets:
-        options = Options(**{**options.__dict__, "sockets": args.sockets})
+    options = command_line(__doc__, Options(), QUICK, ("sockets",), argv)
     with quiet_logging():
         table(run(options), options).print()
 
 
 if __name__ == "__main__":
-    # The load generator's own GC pauses would count as service latency: none during a run.
-    freeze_startup_heap()
-    gc.disable()
-    main()
+    run_as_program(main)

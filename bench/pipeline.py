@@ -18,9 +18,7 @@ against the same Redis.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,15 +36,16 @@ from bench.support import (
     Bench,
     CpuMeter,
     Table,
+    command_line,
     free_port,
     machine_line,
     percentile,
     quiet_logging,
     ratio,
     redis_benchmark_xadd,
+    run_as_program,
     stack_env,
 )
-from core.heap import freeze_startup_heap
 
 
 @dataclass(frozen=True)
@@ -209,25 +208,10 @@ def table(result: Result, options: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--sessions", type=int)
-    parser.add_argument("--seconds", type=float)
-    parser.add_argument("--workers", type=int)
-    args = parser.parse_args(argv)
-    options = QUICK if args.quick else Options()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("sessions", "seconds", "workers")
-        if getattr(args, name) is not None
-    }
-    options = Options(**{**options.__dict__, **overrides})
+    options = command_line(__doc__, Options(), QUICK, ("sessions", "seconds", "workers"), argv)
     with quiet_logging():
         table(run(options), options).print()
 
 
 if __name__ == "__main__":
-    # The load generator's own GC pauses would count as service latency: none during a run.
-    freeze_startup_heap()
-    gc.disable()
-    main()
+    run_as_program(main)

@@ -10,16 +10,23 @@ answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) / delay 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.client import ChatSocket, LoadResult, closed_loop, new_sessions
-from bench.support import Bench, Table, machine_line, percentile, quiet_logging, ratio, stack_env
+from bench.support import (
+    Bench,
+    Table,
+    command_line,
+    machine_line,
+    percentile,
+    quiet_logging,
+    ratio,
+    run_as_program,
+    stack_env,
+)
 from core.config import Settings
-from core.heap import freeze_startup_heap
 
 SLOTS = Settings(_env_file=None).worker_concurrency
 
@@ -105,25 +112,10 @@ def table(rows: Sequence[Row], options: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--sessions", type=int)
-    parser.add_argument("--seconds", type=float)
-    parser.add_argument("--delay", type=float)
-    args = parser.parse_args(argv)
-    options = QUICK if args.quick else Options()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("sessions", "seconds", "delay")
-        if getattr(args, name) is not None
-    }
-    options = Options(**{**options.__dict__, **overrides})
+    options = command_line(__doc__, Options(), QUICK, ("sessions", "seconds", "delay"), argv)
     with quiet_logging():
         table(run(options), options).print()
 
 
 if __name__ == "__main__":
-    # The load generator's own GC pauses would count as service latency: none during a run.
-    freeze_startup_heap()
-    gc.disable()
-    main()
+    run_as_program(main)

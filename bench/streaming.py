@@ -15,18 +15,25 @@ or from sending the message (client). Medians over the rounds are compared.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from bench.client import ChatSocket, new_sessions
-from bench.support import Bench, Table, machine_line, median, quiet_logging, ratio, stack_env
+from bench.support import (
+    Bench,
+    Table,
+    command_line,
+    machine_line,
+    median,
+    quiet_logging,
+    ratio,
+    run_as_program,
+    stack_env,
+)
 from core.config import Settings
-from core.heap import freeze_startup_heap
 from core.models import Message, Source
 from core.prompt import chat_turns
 from worker.backends.local import default_model_path
@@ -176,20 +183,10 @@ def table(result: Result, options: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--tokens", type=int)
-    args = parser.parse_args(argv)
-    options = QUICK if args.quick else Options()
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("tokens", args.tokens)) if v}
-    options = Options(**{**options.__dict__, **overrides})
+    options = command_line(__doc__, Options(), QUICK, ("rounds", "tokens"), argv)
     with quiet_logging():
         table(run(options), options).print()
 
 
 if __name__ == "__main__":
-    # The load generator's own GC pauses would count as service latency: none during a run.
-    freeze_startup_heap()
-    gc.disable()
-    main()
+    run_as_program(main)

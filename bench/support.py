@@ -6,7 +6,10 @@ benchmark starts is stopped when its `with` block ends.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import gc
 import logging
 import os
 import platform
@@ -18,16 +21,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import httpx
 import redis
 
+from core.heap import freeze_startup_heap
 from launcher.redis_server import EmbeddedRedis, free_port
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    OptionsT = TypeVar("OptionsT", bound=DataclassInstance)
+else:
+    OptionsT = TypeVar("OptionsT")
 
 __all__ = ["free_port"]  # re-exported for the benchmarks
 
@@ -182,7 +193,11 @@ class CpuMeter:
 
 
 class Child:
-    """A Python child process (`python -m module ...`) with its output in a log file."""
+    """A Python child process (`python -m module ...`) with its output in a log file.
+
+    The benches and the multi-process tests (tests/support/processes.py) both start servers,
+    workers and the launcher through it.
+    """
 
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
@@ -222,7 +237,21 @@ class Child:
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.log()[-4000:]}")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is cleaned up by the process."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def interrupt(self, timeout: float = 30.0) -> int:
+        """Ctrl+C: SIGINT, then wait for the process to exit by itself; its exit code."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (SIGKILL after `timeout`); the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -231,6 +260,7 @@ class Child:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        return self.process.returncode
 
 
 def stack_env(redis_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
@@ -362,3 +392,30 @@ def redis_benchmark_xadd(port: int, requests: int, clients: int = 50) -> float |
 def quiet_logging() -> Iterator[None]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     yield
+
+
+def command_line(
+    doc: str | None,
+    default: OptionsT,
+    quick: OptionsT,
+    flags: Sequence[str],
+    argv: Sequence[str] | None,
+) -> OptionsT:
+    """A bench's options: its defaults, or its `--quick` set, with the fields named in `flags`
+    (numbers) overridden by `--name VALUE` on the command line."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    for name in flags:
+        parser.add_argument(f"--{name}", type=type(getattr(default, name)))
+    args = parser.parse_args(argv)
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    return dataclasses.replace(quick if args.quick else default, **given)
+
+
+def run_as_program(main: Callable[[], None]) -> None:
+    """A load-generating bench's `__main__`: its own GC pauses would count as service latency,
+    so the start-up heap is frozen (as the server and worker do) and the cyclic GC is off for
+    the run."""
+    freeze_startup_heap()
+    gc.disable()
+    main()

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import websockets
 
+from bench.support import Child
 from launcher.redis_server import free_port, port_in_use
-from tests.support.processes import Child
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ async def test_run_brings_up_everything_and_stops_cleanly(tmp_path: Path) -> Non
         "REDIS_DATA_DIR": str(tmp_path / "redis"),
         "MODEL_MAX_NEW_TOKENS": "24",
     }
-    run = Child("run", "launcher", env, tmp_path)
+    run = Child("run", ["launcher"], env, tmp_path)
     process = run.process
     base = f"http://127.0.0.1:{server_port}"
     try:
