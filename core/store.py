@@ -199,10 +199,17 @@ class SessionStore:
     async def add_reply(
         self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lock_owner: str
     ) -> ReplyOutcome:
-        """Append a bot reply unless one exists already, and only while holding the lock."""
+        """Append a bot reply unless one exists already, and only while holding the lock.
+
+        Once the message has its answer (this one, or one stored before), its generation-attempt
+        counter (worker/responder.py) is deleted in the same step."""
         assert reply.reply_to is not None and is_uuid4(reply.reply_to)
         result = await self._add_reply(
-            keys=[self.keys.session(token), self.keys.lock(token)],
+            keys=[
+                self.keys.session(token),
+                self.keys.lock(token),
+                self.keys.attempts(reply.reply_to),
+            ],
             args=[
                 lock_owner,
                 reply.reply_to,

@@ -100,9 +100,10 @@ class Responder:
     async def _begin_attempt(self, message_id: str) -> int:
         """Count one more generation of a reply to `message_id`; returns the count.
 
-        The count goes back down when the attempt ends in a way this process sees and expects
-        (a reply stored, a Redis outage, a lost lease, a shutdown), so only attempts whose
-        worker died (or that hit an unexpected failure) stay counted. The stream's delivery
+        The count is deleted with the stored answer (add_reply.lua) and taken back when an
+        attempt ends in a way this process sees and expects (a Redis outage, a lost lease, a
+        shutdown), so only attempts whose worker died (or that hit an unexpected failure) stay
+        counted. The stream's delivery
         count is no measure of that: every entry a dead worker held is delivered again, the
         ones it was only holding (waiting for the session's lease or a slot) included.
         """
@@ -113,12 +114,9 @@ class Responder:
             count, _ = await pipe.execute()
         return int(count)
 
-    async def _end_attempt(self, message_id: str, *, answered: bool) -> None:
+    async def _take_back_attempt(self, message_id: str) -> None:
         key = self._store.keys.attempts(message_id)
         with contextlib.suppress(RedisError, OSError):
-            if answered:
-                await self._store.redis.delete(key)
-                return
             async with self._store.redis.pipeline(transaction=True) as pipe:
                 pipe.decr(key)
                 pipe.expire(key, self._settings.session_ttl_seconds)
@@ -132,18 +130,17 @@ class Responder:
         lease: SessionLease,
         stop: asyncio.Event,
     ) -> None:
+        # Storing the answer (add_reply.lua) deletes the count; see _begin_attempt.
         if await self._begin_attempt(human.id) > self._settings.worker_max_deliveries:
             await self._give_up(token, human, lease)
-            await self._end_attempt(human.id, answered=True)
             return
         try:
             await self._generate_and_store(token, messages, human, lease, stop)
         except (RedisError, OSError, LeaseLost, asyncio.CancelledError):
             # Redis outage, session taken over, shutdown: not a dead worker (this process is
             # still here to see it), so it does not count. Any other failure does.
-            await self._end_attempt(human.id, answered=False)
+            await self._take_back_attempt(human.id)
             raise
-        await self._end_attempt(human.id, answered=True)
 
     async def _generate_and_store(
         self,

@@ -1,6 +1,7 @@
 -- Store a bot reply (or the error that stands for it) exactly once, then announce it.
 -- Needs the prelude lib_history_cap.lua (core/store.py prepends it).
--- KEYS[1] session document, KEYS[2] the session's worker lock
+-- KEYS[1] session document, KEYS[2] the session's worker lock, KEYS[3] the answered message's
+-- generation-attempt counter (deleted once the message has its answer)
 -- ARGV[1] lock owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
 -- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
 -- ARGV[7] history cap (0 = none)
@@ -13,10 +14,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local found = redis.call('JSON.GET', KEYS[1], '$.messages[?(@.reply_to=="' .. ARGV[2] .. '")].id')
 if found ~= '[]' then
+  redis.call('DEL', KEYS[3])
   return 0
 end
 redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('DEL', KEYS[3])
 return 1

@@ -90,9 +90,15 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
         event = MessageEvent(id=message.id, reply_to=human.id, msg="a", timestamp=message.timestamp)
         return message, event
 
+    attempts = store.keys.attempts(human.id)
+    await redis.set(attempts, 1)
     assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LOCK_LOST
+    assert await redis.exists(attempts) == 1  # not answered: the attempt count stays
     assert await store.add_reply(session.token, *reply(), "me") is ReplyOutcome.STORED
+    assert await redis.exists(attempts) == 0  # answered: the count goes with it
+    await redis.set(attempts, 1)
     assert await store.add_reply(session.token, *reply(), "me") is ReplyOutcome.ALREADY_ANSWERED
+    assert await redis.exists(attempts) == 0
     stored = await store.messages(session.token)
     assert stored is not None
     assert [m.source for m in stored] == [Source.HUMAN, Source.BOT]

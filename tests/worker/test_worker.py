@@ -213,6 +213,7 @@ async def test_a_message_that_keeps_killing_workers_gets_an_error_reply(
     reply = messages[-1]
     assert reply.error is not None and reply.error.code == "model_error"
     assert "could not be answered" in reply.error.detail
+    assert await redis.exists(store.keys.attempts(message.id)) == 0
     assert await pending_count(redis, settings) == 0
 
 
