@@ -235,9 +235,6 @@ class SessionStore:
             pipe.publish(self.keys.control, json.dumps({"type": "stop", "token": token}))
             await pipe.execute()
 
-    async def stop_requested_at(self, token: str) -> datetime | None:
-        return _stop_time(await self.redis.get(self.keys.stop(token)))
-
 
 def _parse_messages(raw: object) -> list[Message] | None:
     if raw is None:

@@ -54,8 +54,8 @@ class Responder:
         previous reply. Messages already answered are left alone (exactly once).
 
         A message whose generation was cut short by a dying worker WORKER_MAX_DELIVERIES
-        times gets an error reply instead of one more attempt that may
-        kill this worker too (see `_begin_attempt`).
+        times gets an error reply instead of one more attempt that may kill this worker too
+        (see `_begin_attempt`).
         """
         while True:
             # Listen first, then look: a stop arriving between the two is not missed.
@@ -103,9 +103,9 @@ class Responder:
         The count is deleted with the stored answer (add_reply.lua) and taken back when an
         attempt ends in a way this process sees and expects (a Redis outage, a lost lease, a
         shutdown), so only attempts whose worker died (or that hit an unexpected failure) stay
-        counted. The stream's delivery
-        count is no measure of that: every entry a dead worker held is delivered again, the
-        ones it was only holding (waiting for the session's lease or a slot) included.
+        counted. The stream's delivery count is no measure of that: every entry a dead worker
+        held is delivered again, the ones it was only holding (waiting for the session's lease
+        or a slot) included.
         """
         key = self._store.keys.attempts(message_id)
         async with self._store.redis.pipeline(transaction=True) as pipe:

@@ -109,14 +109,14 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
 
 async def test_stop_request_is_remembered_and_broadcast(store: SessionStore, redis: Redis) -> None:
     token = new_id()
-    assert await store.stop_requested_at(token) is None
+    assert (await store.messages_and_stop(token))[1] is None
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(store.keys.control)
         await pubsub.get_message(timeout=1)
         await store.request_stop(token)
         command = await pubsub.get_message(timeout=2)
     assert command is not None and json.loads(command["data"]) == {"type": "stop", "token": token}
-    assert await store.stop_requested_at(token) is not None
+    assert (await store.messages_and_stop(token))[1] is not None
 
 
 # --- Limits: history cap, rate limits, worker liveness -----------------------------------------
