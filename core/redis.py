@@ -41,8 +41,11 @@ def create_redis(settings: Settings) -> Redis:
     return Redis.from_pool(pool)
 
 
-def load_script(name: str) -> str:
-    return resources.files("core").joinpath("lua", name).read_text(encoding="utf-8")
+def load_script(*names: str) -> str:
+    """The Lua source of `names` (files in core/lua/) joined in order: the preludes a script
+    needs (`lib_*.lua`, which define local functions) first, then the script itself."""
+    lua = resources.files("core").joinpath("lua")
+    return "\n".join(lua.joinpath(name).read_text(encoding="utf-8") for name in names)
 
 
 async def ensure_group(redis: Redis, keys: Keys) -> None:

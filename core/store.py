@@ -77,10 +77,15 @@ class SessionStore:
         self._ttl = settings.session_ttl_seconds
         self._maxlen = settings.stream_maxlen
         self._history_cap = settings.max_history_messages
-        gcra, cap = load_script("lib_gcra.lua"), load_script("lib_history_cap.lua")
-        self._add_human = redis.register_script(gcra + cap + load_script("add_human_message.lua"))
-        self._add_reply = redis.register_script(cap + load_script("add_reply.lua"))
-        self._rate_limit = redis.register_script(gcra + load_script("rate_limit.lua"))
+        self._add_human = redis.register_script(
+            load_script(
+                "lib_clock.lua", "lib_gcra.lua", "lib_history_cap.lua", "add_human_message.lua"
+            )
+        )
+        self._add_reply = redis.register_script(load_script("lib_history_cap.lua", "add_reply.lua"))
+        self._rate_limit = redis.register_script(
+            load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
+        )
 
     # --- Sessions ----------------------------------------------------------------------------
 

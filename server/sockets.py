@@ -29,8 +29,10 @@ class SocketRegistry:
         self._max = max_per_session
         self._lease_ms = int(lease_seconds * 1000)
         self._open: dict[str, str] = {}  # socket id -> its session's sockets key
-        self._open_script = redis.register_script(load_script("open_socket.lua"))
-        self._refresh_script = redis.register_script(load_script("refresh_sockets.lua"))
+        self._open_script = redis.register_script(load_script("lib_clock.lua", "open_socket.lua"))
+        self._refresh_script = redis.register_script(
+            load_script("lib_clock.lua", "refresh_sockets.lua")
+        )
         self._refresher: asyncio.Task[None] | None = None
 
     @property

@@ -19,17 +19,17 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from core.config import Settings
 from core.keys import Keys
 from core.models import is_uuid4, short
-from core.redis import create_redis, ensure_group
+from core.redis import create_redis, ensure_group, load_script
 from core.store import SessionStore
 from worker.backends import ModelBackend, create_backend
 from worker.leases import LeaseManager
@@ -58,6 +58,7 @@ class Worker:
         self._redis: Redis | None = None
         self._leases: LeaseManager | None = None
         self._responder: Responder | None = None
+        self._announce: AsyncScript | None = None
         self._entries: dict[str, asyncio.Task[None]] = {}
         # Sized in run(), once the backend says how many generations it can run at once.
         self._slots = asyncio.Semaphore(1)
@@ -86,6 +87,9 @@ class Worker:
             await backend.start()
             await ensure_group(redis, self.keys)
             store = SessionStore(redis, self.settings)
+            self._announce = redis.register_script(
+                load_script("lib_clock.lua", "announce_worker.lua")
+            )
             self._leases = LeaseManager(
                 redis, self.keys, self.consumer, self.settings.worker_lease_seconds
             )
@@ -294,14 +298,13 @@ class Worker:
             )
 
     async def _announce_alive(self) -> None:
-        """Liveness for the servers (their `queued` notice): this worker's heartbeat time in
-        the live-workers set; members silent for many leases (killed workers) are dropped."""
-        assert self._redis is not None
-        now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers_alive, {self.consumer: now_ms})
-            pipe.zremrangebyscore(self.keys.workers_alive, "-inf", now_ms - 10 * self._lease_ms)
-            await pipe.execute()
+        """Liveness for the servers (their `queued` notice): this worker's heartbeat time, on
+        Redis's clock, in the live-workers set; members silent for ten leases (killed workers)
+        are dropped."""
+        assert self._announce is not None
+        await self._announce(
+            keys=[self.keys.workers_alive], args=[self.consumer, 10 * self._lease_ms]
+        )
 
     async def _control_loop(self) -> None:
         assert self._redis is not None and self._responder is not None

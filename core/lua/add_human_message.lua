@@ -1,6 +1,6 @@
 -- Store a human message and queue it for the workers, in one atomic step (one round trip),
 -- after the session's and the client address's rate limits allowed it.
--- Needs the preludes lib_gcra.lua and lib_history_cap.lua (core/store.py prepends them).
+-- Needs the preludes lib_clock.lua, lib_gcra.lua and lib_history_cap.lua.
 -- KEYS[1] session document, KEYS[2] request stream, KEYS[3] session rate key,
 -- KEYS[4] address rate key, KEYS[5] live-workers sorted set
 -- ARGV[1] message JSON, ARGV[2] session TTL (s), ARGV[3] stream MAXLEN (approximate),

@@ -1,5 +1,5 @@
 -- Store a bot reply (or the error that stands for it) exactly once, then announce it.
--- Needs the prelude lib_history_cap.lua (core/store.py prepends it).
+-- Needs the prelude lib_history_cap.lua.
 -- KEYS[1] session document, KEYS[2] the session's worker lock, KEYS[3] the answered message's
 -- generation-attempt counter (deleted once the message has its answer)
 -- ARGV[1] lock owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,

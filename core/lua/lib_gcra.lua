@@ -1,11 +1,8 @@
--- Prelude (prepended by core/store.py to the scripts that rate-limit): GCRA, the "generic cell
--- rate algorithm". A key holds the theoretical arrival time (TAT, ms since the epoch) of the
--- next request; `limit` requests per `period_ms` are allowed, `limit` of them at once.
--- Every call is O(1): one GET, and one SET with a TTL when the request is allowed.
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- Prelude (prepended by load_script to the scripts that rate-limit; needs lib_clock.lua):
+-- GCRA, the "generic cell rate algorithm". A key holds the theoretical arrival time (TAT, ms
+-- since the epoch) of the next request; `limit` requests per `period_ms` are allowed, `limit`
+-- of them at once. Every call is O(1): one GET, and one SET with a TTL when the request is
+-- allowed.
 
 -- Returns (wait_ms, new_tat): wait_ms > 0 means refused (try again in wait_ms).
 local function gcra_check(key, limit, period_ms, now)

@@ -1,4 +1,4 @@
--- Prelude (prepended by core/store.py to the scripts that append to a history): keep at most
+-- Prelude (prepended by load_script to the scripts that append to a history): keep at most
 -- `max` messages in the document's `$.messages`, dropping the oldest, then any bot replies
 -- left at the head whose question was dropped (so whole exchanges go where possible).
 -- Cost: JSON.ARRLEN, and when over the cap a few JSON.GETs of single fields and one

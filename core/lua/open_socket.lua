@@ -2,9 +2,8 @@
 -- KEYS[1] the session's sockets sorted set (member = socket id, score = lease expiry, ms)
 -- ARGV[1] socket id, ARGV[2] maximum (0 = no limit), ARGV[3] lease (ms)
 -- Sockets whose lease ran out (their server died without closing them) are dropped first.
--- Returns 1 counted, 0 refused.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Returns 1 counted, 0 refused. Needs the prelude lib_clock.lua.
+local now = now_ms()
 local lease = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local max = tonumber(ARGV[2])

@@ -1,5 +1,5 @@
 -- One rate-limit check and, if allowed, its count: one atomic step.
--- Needs the prelude lib_gcra.lua (core/store.py prepends it).
+-- Needs the preludes lib_clock.lua and lib_gcra.lua.
 -- KEYS[1] rate key; ARGV[1] requests per period (0 = no limit), ARGV[2] period (ms)
 -- Returns 0 allowed, else the wait in ms before a request would be allowed.
 local now = now_ms()
