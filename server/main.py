@@ -30,15 +30,13 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     redis = create_redis(settings)
-    hub = EventHub(redis, Keys(settings.key_prefix))
+    keys = Keys(settings.key_prefix)
+    hub = EventHub(redis, keys)
     sockets = SocketRegistry(
-        redis,
-        Keys(settings.key_prefix),
-        settings.max_sockets_per_session,
-        settings.socket_lease_seconds,
+        redis, keys, settings.max_sockets_per_session, settings.socket_lease_seconds
     )
     try:
-        await ensure_group(redis, Keys(settings.key_prefix))
+        await ensure_group(redis, keys)
         await hub.start()
         await sockets.start()
         app.state.redis = redis
