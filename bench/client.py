@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -105,18 +105,17 @@ class ChatSocket:
                 elif kind in ("message", "error"):
                     reply = self._by_id.pop(event.get("reply_to") or "", None)
                     if reply is None and kind == "error" and self._by_client_id:
-                        # An error without reply_to answers the oldest unacknowledged message.
-                        reply = self._by_client_id.pop(next(iter(self._by_client_id)))
+                        # An error without reply_to refuses the message its client_id names
+                        # (or, naming none, the oldest unacknowledged one).
+                        named = event.get("client_id") or next(iter(self._by_client_id))
+                        reply = self._by_client_id.pop(named, None)
                     if reply is not None:
                         reply.done = now
                         if kind == "error":
                             reply.error = str(event.get("code"))
                         if not reply.finished.done():
                             reply.finished.set_result(None)
-        for reply in [*self._by_client_id.values(), *self._by_id.values()]:
-            if not reply.finished.done():
-                reply.error = "socket closed"
-                reply.finished.set_result(None)
+        _socket_closed([*self._by_client_id.values(), *self._by_id.values()])
 
     async def close(self) -> None:
         await self.websocket.close()
@@ -148,10 +147,7 @@ class EchoSocket:
                 reply = self._pending.popleft()
                 reply.done = time.perf_counter()
                 reply.finished.set_result(None)
-        for reply in self._pending:
-            if not reply.finished.done():
-                reply.error = "socket closed"
-                reply.finished.set_result(None)
+        _socket_closed(self._pending)
 
     async def close(self) -> None:
         await self.websocket.close()
@@ -282,3 +278,11 @@ async def open_loop(
     await metering
     replies = [t.result() for t in done if not t.cancelled() and t.exception() is None]
     return LoadResult(replies, seconds, lost=len(tasks) - len(replies))
+
+
+def _socket_closed(replies: Iterable[Reply]) -> None:
+    """Settle every reply still waiting when its socket closed, as failed."""
+    for reply in replies:
+        if not reply.finished.done():
+            reply.error = "socket closed"
+            reply.finished.set_result(None)
