@@ -15,6 +15,7 @@ import {
   failLost,
   failSending,
   mergeHistory,
+  refusedIndex,
   removeEntry,
 } from './chatState';
 import {
@@ -419,9 +420,7 @@ export class ChatClient {
     }
     if (SEND_ERRORS.has(event.code)) {
       const named = event.client_id;
-      const failed = this.view.chat.entries.find(
-        (e) => e.status === 'sending' && (named === undefined || e.clientId === named),
-      );
+      const failed = this.view.chat.entries[refusedIndex(this.view.chat, named)];
       if (failed?.clientId !== undefined) this.unacked.delete(failed.clientId);
       this.setChat((chat) => failSending(chat, detail, named));
     }

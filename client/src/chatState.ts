@@ -177,11 +177,16 @@ export function applyReplyError(state: ChatState, ev: ErrorEvent): ChatState {
  * (an older server, a plain-text frame), the oldest of ours still waiting for its ack.
  */
 export function failSending(state: ChatState, reason: string, clientId?: string): ChatState {
-  const index = state.entries.findIndex(
-    (e) => e.status === 'sending' && (clientId === undefined || e.clientId === clientId),
-  );
+  const index = refusedIndex(state, clientId);
   if (index < 0) return state;
   return replace(state, index, { ...state.entries[index], status: 'failed', failReason: reason });
+}
+
+/** Which of our messages a send error refuses (see failSending); -1 when none. */
+export function refusedIndex(state: ChatState, clientId?: string): number {
+  return state.entries.findIndex(
+    (e) => e.status === 'sending' && (clientId === undefined || e.clientId === clientId),
+  );
 }
 
 /**
