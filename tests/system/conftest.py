@@ -1,5 +1,6 @@
-"""The fault suite's figures: printed as a table at the end of the run and written to
-`.reports/faults.json` (see tests/support/ledger.py)."""
+"""The fault and hostile suites' figures: printed as tables at the end of the run and written
+to `.reports/faults.json` and `.reports/hostile.json` (tests/support/ledger.py,
+tests/support/hostile.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ledger import RUNS, table, write_report
+from tests.support import hostile, ledger
 
-REPORT = Path(__file__).resolve().parents[2] / ".reports" / "faults.json"
+REPORTS = Path(__file__).resolve().parents[2] / ".reports"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not RUNS:
-        return
-    terminalreporter.section("fault runs (tests/support/ledger.py)")
-    for line in table(RUNS):
-        terminalreporter.write_line(line)
-    write_report(REPORT, RUNS)
-    terminalreporter.write_line(f"written to {REPORT}")
+    if ledger.RUNS:
+        terminalreporter.section("fault runs (tests/support/ledger.py)")
+        for line in ledger.table(ledger.RUNS):
+            terminalreporter.write_line(line)
+        ledger.write_report(REPORTS / "faults.json", ledger.RUNS)
+        terminalreporter.write_line(f"written to {REPORTS / 'faults.json'}")
+    if hostile.RUNS:
+        terminalreporter.section("hostile clients and environments (tests/support/hostile.py)")
+        for line in hostile.table(hostile.RUNS):
+            terminalreporter.write_line(line)
+        hostile.write_report(REPORTS / "hostile.json", hostile.RUNS)
+        terminalreporter.write_line(f"written to {REPORTS / 'hostile.json'}")
