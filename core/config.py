@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="chat", pattern=r"^[A-Za-z0-9_.-]+$")
     embedded_redis_port: int = 6379
     redis_data_dir: Path = PROJECT_ROOT / ".data" / "redis"
+    embedded_redis_maxmemory: str = Field(
+        default="512mb", description="the embedded Redis's memory ceiling (maxmemory, noeviction)"
+    )
     redis_server_bin: Path | None = None
     redisjson_module: Path | None = None
     stream_maxlen: int = Field(default=100_000, ge=1000)
@@ -55,7 +58,22 @@ class Settings(BaseSettings):
     session_ttl_seconds: int = Field(default=3600, ge=1)
     max_name_chars: int = 100
     max_message_chars: int = Field(default=4000, ge=1)
-    history_messages: int = Field(default=4, ge=1)
+    max_message_bytes: int = Field(
+        default=16384, ge=1, description="a message's size in UTF-8 bytes, after the chars limit"
+    )
+    prompt_history_messages: int = Field(
+        default=4,
+        ge=1,
+        validation_alias=AliasChoices("prompt_history_messages", "history_messages"),
+        description="messages of history put in the prompt (HISTORY_MESSAGES, its old name, "
+        "still works)",
+    )
+    max_unanswered_messages: int = Field(
+        default=10, ge=0, description="a session's messages waiting for a reply; 0 = no limit"
+    )
+    max_reply_chars: int = Field(
+        default=8000, ge=1, description="a reply is cut (and stored as stopped) at this length"
+    )
 
     # --- Worker ------------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1, description="generations in flight per worker")
@@ -130,6 +148,18 @@ class Settings(BaseSettings):
     )
     max_history_messages: int = Field(
         default=1000, ge=0, description="messages kept per session, oldest dropped; 0 = all"
+    )
+    max_sockets_per_address: int = Field(
+        default=50, ge=0, description="open sockets per client address, this server; 0 = no limit"
+    )
+    rate_limit_stop_requests: int = Field(
+        default=10, ge=0, description="stop commands per window per session; 0 = no limit"
+    )
+    outbox_max_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="frames waiting to be sent to one socket"
+    )
+    socket_send_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="a socket that takes longer to accept a frame is closed"
     )
 
     # --- Logging -----------------------------------------------------------------------------

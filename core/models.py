@@ -45,6 +45,8 @@ class ErrorCode(StrEnum):
     SESSION_EXPIRED = "session_expired"
     SERVICE_UNAVAILABLE = "service_unavailable"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    # The session has MAX_UNANSWERED_MESSAGES waiting for a reply already; nothing was stored.
+    BACKLOG_FULL = "backlog_full"
 
 
 class NoticeCode(StrEnum):

@@ -65,6 +65,13 @@ class RateLimited:
     retry_after: int  # whole seconds, >= 1
 
 
+@dataclass(frozen=True, slots=True)
+class BacklogFull:
+    """Refused: the session has `limit` messages waiting for a reply; nothing was written."""
+
+    limit: int
+
+
 def retry_after_seconds(wait_ms: int) -> int:
     return max(1, math.ceil(wait_ms / 1000))
 
@@ -115,12 +122,6 @@ class SessionStore:
             await self.redis.expire(self.keys.session(token), self._ttl)
         )
 
-    async def messages(self, token: str) -> list[Message] | None:
-        raw = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-            "JSON.GET", self.keys.session(token), "$.messages"
-        )
-        return _parse_messages(raw)
-
     async def messages_and_stop(self, token: str) -> tuple[list[Message] | None, datetime | None]:
         """The session's messages and its latest stop time, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -130,15 +131,6 @@ class SessionStore:
         return _parse_messages(raw), _stop_time(stopped)
 
     # --- Messages ----------------------------------------------------------------------------
-
-    async def add_human_message(
-        self, token: str, text: str, client_id: str | None = None
-    ) -> Message | None:
-        """Store the message, queue it for a worker and announce it: one atomic step, with no
-        rate limit. Returns None when the session has expired."""
-        result = await self.queue_message(token, text, client_id, rate_limited=False)
-        assert not isinstance(result, RateLimited)
-        return None if result is None else result.message
 
     async def queue_message(
         self,

@@ -150,7 +150,7 @@ class Responder:
         lease: SessionLease,
         stop: asyncio.Event,
     ) -> None:
-        history = conversation_until(messages, human.id)[-self._settings.history_messages :]
+        history = conversation_until(messages, human.id)[-self._settings.prompt_history_messages :]
         reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=human.id)
         parts: list[str] = []
         outcome = await self._generate(token, reply, history, parts, stop, lease)

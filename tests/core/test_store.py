@@ -13,6 +13,7 @@ from core.config import Settings
 from core.models import Message, MessageEvent, Source, new_id
 from core.store import Queued, RateLimited, ReplyOutcome, SessionStore
 from tests.conftest import make_settings
+from tests.support import sessions
 
 
 async def test_create_stores_a_json_document_with_ttl(
@@ -40,13 +41,13 @@ async def test_human_message_is_stored_queued_and_announced_together(
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(store.keys.events(session.token))
         await pubsub.get_message(timeout=1)  # the subscribe confirmation
-        message = await store.add_human_message(session.token, "hello")
+        message = await sessions.add_human_message(store, session.token, "hello")
         assert message is not None
         announced = await pubsub.get_message(timeout=2)
     assert announced is not None
     assert json.loads(announced["data"])["type"] == "ack"
     assert json.loads(announced["data"])["id"] == message.id
-    stored = await store.messages(session.token)
+    stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["hello"]
     entries: Any = await redis.xrange(store.keys.requests)
     assert entries[-1][1] == {"token": session.token, "id": message.id}
@@ -56,7 +57,7 @@ async def test_message_to_an_expired_session_is_neither_stored_nor_queued(
     store: SessionStore, redis: Redis
 ) -> None:
     token = new_id()
-    assert await store.add_human_message(token, "hello?") is None
+    assert await sessions.add_human_message(store, token, "hello?") is None
     assert await redis.exists(store.keys.session(token)) == 0
     assert await redis.xlen(store.keys.requests) == 0
 
@@ -66,7 +67,7 @@ async def test_messages_renew_the_ttl(redis_url: str, redis: Redis) -> None:
     session = await store.create("Ann")
     key = store.keys.session(session.token)
     await redis.expire(key, 1)
-    await store.add_human_message(session.token, "still here")
+    await sessions.add_human_message(store, session.token, "still here")
     assert await redis.ttl(key) > 1
 
 
@@ -81,7 +82,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
     store: SessionStore, redis: Redis
 ) -> None:
     session = await store.create("Ann")
-    human = await store.add_human_message(session.token, "q")
+    human = await sessions.add_human_message(store, session.token, "q")
     assert human is not None
     await redis.set(store.keys.lock(session.token), "me")
 
@@ -99,7 +100,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
     await redis.set(attempts, 1)
     assert await store.add_reply(session.token, *reply(), "me") is ReplyOutcome.ALREADY_ANSWERED
     assert await redis.exists(attempts) == 0
-    stored = await store.messages(session.token)
+    stored = await sessions.messages(store, session.token)
     assert stored is not None
     assert [m.source for m in stored] == [Source.HUMAN, Source.BOT]
 
@@ -134,16 +135,16 @@ async def test_history_is_capped_dropping_whole_exchanges(redis_url: str, redis:
     store = SessionStore(redis, make_settings(redis_url, max_history_messages=4))
     session = await store.create("Ann")
     for n in range(3):
-        human = await store.add_human_message(session.token, f"q{n}")
+        human = await sessions.add_human_message(store, session.token, f"q{n}")
         assert human is not None
         await _answer(store, redis, session.token, human)
-    stored = await store.messages(session.token)
+    stored = await sessions.messages(store, session.token)
     assert stored is not None
     assert [m.msg for m in stored] == ["q1", "re q1", "q2", "re q2"]
 
     # h3 pushes out q1; its reply, now first with no question, goes with it.
-    await store.add_human_message(session.token, "q3")
-    stored = await store.messages(session.token)
+    await sessions.add_human_message(store, session.token, "q3")
+    stored = await sessions.messages(store, session.token)
     assert stored is not None
     assert [m.msg for m in stored] == ["q2", "re q2", "q3"]
 
@@ -153,15 +154,15 @@ async def test_history_cap_keeps_unanswered_questions_over_their_old_replies(
 ) -> None:
     store = SessionStore(redis, make_settings(redis_url, max_history_messages=3))
     session = await store.create("Ann")
-    first = await store.add_human_message(session.token, "q0")
+    first = await sessions.add_human_message(store, session.token, "q0")
     assert first is not None
     for n in (1, 2, 3):
-        await store.add_human_message(session.token, f"q{n}")
-    stored = await store.messages(session.token)
+        await sessions.add_human_message(store, session.token, f"q{n}")
+    stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["q1", "q2", "q3"]
     # A reply to a question that was dropped meanwhile is still stored within the cap.
     await _answer(store, redis, session.token, first)
-    stored = await store.messages(session.token)
+    stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["q2", "q3", "re q0"]
 
 
@@ -169,8 +170,8 @@ async def test_no_cap_when_zero(redis_url: str, redis: Redis) -> None:
     store = SessionStore(redis, make_settings(redis_url, max_history_messages=0))
     session = await store.create("Ann")
     for n in range(30):
-        await store.add_human_message(session.token, f"q{n}")
-    stored = await store.messages(session.token)
+        await sessions.add_human_message(store, session.token, f"q{n}")
+    stored = await sessions.messages(store, session.token)
     assert stored is not None and len(stored) == 30
 
 
@@ -184,13 +185,13 @@ async def test_session_rate_limit_refuses_without_writing(redis_url: str, redis:
     assert isinstance(refused, RateLimited)
     # 3 per 60 s: the next one is allowed 20 s after the first.
     assert 1 <= refused.retry_after <= 20
-    stored = await store.messages(session.token)
+    stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["m0", "m1", "m2"]
     assert await redis.xlen(store.keys.requests) == 3
     # Another session is not affected; add_human_message (used by tools) is never limited.
     other = await store.create("Bob")
     assert isinstance(await store.queue_message(other.token, "hi"), Queued)
-    assert await store.add_human_message(session.token, "unlimited") is not None
+    assert await sessions.add_human_message(store, session.token, "unlimited") is not None
 
 
 async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -> None:

@@ -19,6 +19,7 @@ from launcher.redis_server import EmbeddedRedis, EmbeddedRedisError, free_port
 from tests.conftest import make_settings
 from tests.support.model_servers import ModelServer
 from tests.support.stack import running_stack
+from tests.support import sessions
 
 
 async def test_json_and_streams_and_aof_survive_a_restart(tmp_path: Path) -> None:
@@ -32,14 +33,14 @@ async def test_json_and_streams_and_aof_survive_a_restart(tmp_path: Path) -> Non
         assert any(m["name"] == "ReJSON" for m in await redis.module_list())
         store = SessionStore(redis, settings)
         session = await store.create("Ann")
-        await store.add_human_message(session.token, "remember me")
+        await sessions.add_human_message(store, session.token, "remember me")
         await redis.aclose()
     assert (tmp_path / "appendonlydir").is_dir()
 
     with EmbeddedRedis(port, tmp_path) as restarted:
         redis = create_redis(settings)
         store = SessionStore(redis, settings)
-        messages = await store.messages(session.token)
+        messages = await sessions.messages(store, session.token)
         ttl = await redis.ttl(store.keys.session(session.token))
         queued = await redis.xlen(store.keys.requests)
         await redis.aclose()

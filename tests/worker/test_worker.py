@@ -18,6 +18,7 @@ from tests.conftest import make_settings
 from tests.support.model_servers import Hang, HttpError, ModelServer
 from tests.support.stack import running_stack
 from worker.worker import Worker, WorkerFailed
+from tests.support import sessions
 
 
 @asynccontextmanager
@@ -34,7 +35,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 async def wait_for_replies(store: SessionStore, token: str, count: int, timeout: float = 15) -> Any:
     async with asyncio.timeout(timeout):
         while True:
-            messages = await store.messages(token) or []
+            messages = await sessions.messages(store, token) or []
             if sum(not m.is_human for m in messages) >= count:
                 return messages
             await asyncio.sleep(0.05)
@@ -70,12 +71,12 @@ async def test_entry_of_a_dead_worker_is_reclaimed_and_answered_once(
     redis: Redis, worker_store: SessionStore, worker_settings: Settings
 ) -> None:
     session = await worker_store.create("Ann")
-    await worker_store.add_human_message(session.token, "lost in a crash?")
+    await sessions.add_human_message(worker_store, session.token, "lost in a crash?")
     await strand_with_dead_worker(redis, worker_store, session.token, lease_ms=1500)
     async with running_worker(worker_settings):
         await wait_for_replies(worker_store, session.token, 1)
         await asyncio.sleep(0.5)  # time for a duplicate to show up, if there were one
-        messages = await worker_store.messages(session.token) or []
+        messages = await sessions.messages(worker_store, session.token) or []
     assert [m.msg for m in messages] == ["lost in a crash?", "echo: lost in a crash?"]
     assert await pending_count(redis, worker_settings) == 0
 
@@ -84,9 +85,9 @@ async def test_a_stranded_earlier_message_is_answered_before_a_later_one(
     redis: Redis, worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer
 ) -> None:
     session = await worker_store.create("Ann")
-    await worker_store.add_human_message(session.token, "first")
+    await sessions.add_human_message(worker_store, session.token, "first")
     await strand_with_dead_worker(redis, worker_store, session.token, lease_ms=1000)
-    await worker_store.add_human_message(session.token, "second")
+    await sessions.add_human_message(worker_store, session.token, "second")
     async with running_worker(worker_settings):
         messages = await wait_for_replies(worker_store, session.token, 2)
     assert [m.msg for m in messages] == ["first", "second", "echo: first", "echo: second"]
@@ -99,7 +100,7 @@ async def test_message_to_an_expired_session_is_dropped(
     redis: Redis, worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer
 ) -> None:
     session = await worker_store.create("Ann")
-    await worker_store.add_human_message(session.token, "hello")
+    await sessions.add_human_message(worker_store, session.token, "hello")
     await redis.delete(worker_store.keys.session(session.token))
     await ensure_group(redis, worker_store.keys)
     queued: Any = await redis.xrevrange(worker_store.keys.requests, count=1)
@@ -120,11 +121,11 @@ async def test_stop_lets_a_generation_in_progress_finish(
     model_server.behaviour.token_delay = 0.05
     session = await worker_store.create("Ann")
     async with running_worker(worker_settings) as worker:
-        await worker_store.add_human_message(session.token, "one two three four five")
+        await sessions.add_human_message(worker_store, session.token, "one two three four five")
         while not model_server.requests:
             await asyncio.sleep(0.01)
         worker.request_stop()
-    messages = await worker_store.messages(session.token)
+    messages = await sessions.messages(worker_store, session.token)
     assert messages is not None and messages[-1].msg == "echo: one two three four five"
 
 
@@ -141,10 +142,10 @@ async def test_stop_past_the_grace_period_hands_the_message_back(
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
     async with running_worker(settings):
-        await store.add_human_message(session.token, "a b c d e f")
+        await sessions.add_human_message(store, session.token, "a b c d e f")
         while not model_server.requests:
             await asyncio.sleep(0.01)
-    assert await store.messages(session.token) is not None
+    assert await sessions.messages(store, session.token) is not None
     assert await pending_count(redis, settings) == 1
     model_server.behaviour.token_delay = 0
     started = asyncio.get_running_loop().time()
@@ -199,7 +200,7 @@ async def test_a_message_that_keeps_killing_workers_gets_an_error_reply(
     )
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
-    message = await store.add_human_message(session.token, "the deadly question")
+    message = await sessions.add_human_message(store, session.token, "the deadly question")
     assert message is not None
     await ensure_group(redis, store.keys)
     # Two workers started answering it and died (their attempts stay counted), leaving it
@@ -228,7 +229,7 @@ async def test_a_message_only_held_by_dead_workers_is_still_answered(
     )
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
-    message = await store.add_human_message(session.token, "an innocent question")
+    message = await sessions.add_human_message(store, session.token, "an innocent question")
     assert message is not None
     await ensure_group(redis, store.keys)
     # Five workers held it and died before generating for it (delivery count 5 > 2).
