@@ -3,8 +3,10 @@
 Real processes only: the session's embedded Redis, `python -m server` serving the built page
 (client/dist) and `python -m worker` with the local model. The browser side is
 client/e2e/chat.e2e.mjs (playwright-core driving Debian's chromium); it asks this harness,
-one line at a time, to kill the server, start it again on the same port, or expire the
-session, and says `done` when every step has passed.
+one line at a time, to kill the server, start it again on the same port, expire the
+session, or store a chosen bot reply (the local model cannot be asked for an exact text), and
+says `done` when every step has passed. The page is served with the server's
+Content-Security-Policy; the script fails on any CSP violation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis
 
 from core.config import Settings
 from core.keys import Keys
+from core.models import Message, Source
 from tests.conftest import make_settings
 from tests.support.processes import ROOT, ServerChild, WorkerChild, settings_env
 
@@ -92,6 +95,16 @@ class Harness:
     def expire_session(self, token: str) -> None:
         with redis.Redis.from_url(self.settings.redis_url) as client:
             assert client.delete(self.keys.session(token)) == 1
+
+    def add_reply(self, token: str, question: str, reply: str) -> None:
+        """Store a question and a chosen bot reply in the session, as a worker would have.
+        Test-only: written straight into the document, so no worker sees the question."""
+        human = Message(source=Source.HUMAN, msg=question)
+        bot = Message(source=Source.BOT, msg=reply, reply_to=human.id)
+        documents = [m.model_dump(mode="json", exclude_none=True) for m in (human, bot)]
+        with redis.Redis.from_url(self.settings.redis_url) as client:
+            key = self.keys.session(token)
+            assert client.json().arrappend(key, "$.messages", *documents) != [None]
 
     def stop(self) -> None:
         self.server.stop()
@@ -166,6 +179,8 @@ def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
                     harness.start_server()
                 elif need == "expire-session":
                     harness.expire_session(request["token"])
+                elif need == "add-reply":
+                    harness.add_reply(request["token"], request["question"], request["reply"])
                 else:
                     raise AssertionError(f"unknown request from the browser script: {need}")
                 process.stdin.write("ok\n")
