@@ -32,6 +32,7 @@ from tests.support.processes import ROOT, ServerChild, WorkerChild, settings_env
 CLIENT = ROOT / "client"
 DIST = CLIENT / "dist"
 SCRIPT = CLIENT / "e2e" / "chat.e2e.mjs"
+BASIC_SCRIPT = CLIENT / "e2e" / "basic.e2e.mjs"
 # Where the page's screenshot goes; `E2E_SCREENSHOT=docs/chat-page.png make e2e` refreshes the
 # one in the docs (by default it goes to the test's temporary directory).
 SCREENSHOT_ENV = "E2E_SCREENSHOT"
@@ -197,3 +198,40 @@ def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
     assert code == 0 and done, f"browser script failed ({code}):\n{report}\n{harness.logs()}"
     assert harness.restarts == 1
     assert screenshot.is_file()
+
+
+@pytest.fixture
+def basic_harness(redis_url: str, tmp_path: Path) -> Iterator[Harness]:
+    """The same stack serving the dependency-free page, client/basic."""
+    missing = [m for m in _missing_prerequisites() if "client/dist" not in m]
+    if missing:
+        pytest.fail("the browser test needs: " + "; ".join(missing))
+    settings = make_settings(
+        redis_url,
+        model_backend="local",
+        model_max_new_tokens=32,
+        model_timeout_seconds=120.0,
+        client_dir=CLIENT / "basic",
+    )
+    stack = Harness(settings, tmp_path)
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_basic_page_under_the_csp(basic_harness: Harness) -> None:
+    """The basic page's script and styles are files: it works under script-src 'self'."""
+    env = {**os.environ, "BASE_URL": basic_harness.server.url, "CHROMIUM": CHROMIUM}
+    run = subprocess.run(
+        ["node", str(BASIC_SCRIPT)],
+        cwd=CLIENT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, f"basic page failed:\n{run.stderr}\n{basic_harness.logs()}"
