@@ -21,6 +21,7 @@ from core.store import SessionStore
 from server.api.errors import unavailable_response
 from server.api.main import api_router
 from server.hub import EventHub
+from server.security_headers import SecurityHeadersMiddleware
 from server.sockets import SocketRegistry
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The client address (rate limits, logs) comes from X-Forwarded-For only when the
         # request comes from one of these proxies; anyone else's header is ignored.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
+    app.add_middleware(SecurityHeadersMiddleware)  # CSP, nosniff, no Referer: security_headers.py
     app.include_router(api_router)
     app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir

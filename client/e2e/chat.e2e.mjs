@@ -3,13 +3,18 @@
 // Run by tests/e2e/test_browser.py, which starts Redis, the server (serving client/dist) and a
 // worker with the local model, then answers this script's requests on stdin/stdout:
 // a line `E2E {"need": "..."}` on stdout asks the harness to act (kill the server, start it
-// again, expire the session); the harness answers with one line on stdin once it is done.
-// Progress goes to stderr. Exit code 0 means every step passed.
+// again, expire the session, store a chosen bot reply); the harness answers with one line on
+// stdin once it is done. Progress goes to stderr. Exit code 0 means every step passed.
+//
+// The page runs under the server's Content-Security-Policy: every `securitypolicyviolation`
+// event and every console message about the policy fails the run. A local HTTP server here
+// counts requests for the image a stored reply points to: the page must make none.
 //
 // Environment: BASE_URL (the server), CHROMIUM (default /usr/bin/chromium),
 // SCREENSHOT (where to save the page), E2E_TIMEOUT_MS (per wait, default 90000).
 
 import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -47,6 +52,26 @@ function watchStreaming() {
   }).observe(document, { subtree: true, childList: true, characterData: true, attributes: true });
 }
 
+// Every CSP violation the page reports goes to this script (through a binding that survives
+// reloads), to be checked at the end.
+function watchPolicy() {
+  document.addEventListener('securitypolicyviolation', (e) => {
+    window.__cspViolation(`${e.violatedDirective} blocked ${e.blockedURI || 'inline'} at ${e.sourceFile}:${e.lineNumber}`);
+  });
+}
+
+/** A local HTTP server that counts the requests it gets (the image a reply points to). */
+async function countingServer() {
+  const seen = [];
+  const server = createServer((req, res) => {
+    seen.push(req.url);
+    res.writeHead(200, { 'Content-Type': 'image/png' }).end();
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { url: `http://127.0.0.1:${server.address().port}`, seen, close: () => server.close() };
+}
+
+const images = await countingServer();
 const userDir = mkdtempSync(join(tmpdir(), 'chat-e2e-chromium-'));
 // A persistent context gives the browser a fresh profile directory of its own.
 // A phone-sized screen: the page must work there.
@@ -69,9 +94,16 @@ const context = await chromium.launchPersistentContext(userDir, {
 try {
   context.setDefaultTimeout(TIMEOUT);
   await context.addInitScript(watchStreaming);
+  const violations = [];
+  await context.exposeFunction('__cspViolation', (text) => violations.push(text));
+  await context.addInitScript(watchPolicy);
   const page = await context.newPage();
   const pageErrors = [];
   page.on('pageerror', (err) => pageErrors.push(String(err)));
+  const policyMessages = [];
+  page.on('console', (msg) => {
+    if (/content.security.policy/i.test(msg.text())) policyMessages.push(msg.text());
+  });
 
   const log_ = page.getByRole('log', { name: 'Conversation' });
   const items = log_.locator('li.msg');
@@ -103,7 +135,23 @@ try {
 
   // 1. Start screen: an empty name shows the server's error.
   log('open', BASE_URL);
-  await page.goto(BASE_URL);
+  const answer = await page.goto(BASE_URL);
+  const csp = answer?.headers()['content-security-policy'] ?? '';
+  check(/script-src 'self'(;|$)/.test(csp) && /img-src 'self' data:(;|$)/.test(csp), `the page has its CSP: ${csp}`);
+  // The counter works: a request made from here is counted (and then forgotten).
+  await fetch(`${images.url}/probe.png`);
+  check(images.seen.length === 1, 'the image server counts requests');
+  images.seen.length = 0;
+  // The watcher works, and the policy holds: a remote image added by hand is refused and
+  // reported (then forgotten).
+  await page.evaluate((src) => document.body.append(Object.assign(new Image(), { src })), `${images.url}/probe.png`);
+  const seenViolation = Date.now() + TIMEOUT;
+  while (violations.length === 0 && Date.now() < seenViolation) await new Promise((r) => setTimeout(r, 50));
+  check(violations.length === 1 && /img-src/.test(violations[0]), `the CSP refused a remote image: ${violations}`);
+  check(images.seen.length === 0, 'the refused image was not fetched');
+  violations.length = 0;
+  policyMessages.length = 0;
+  await page.reload();
   await page.getByRole('button', { name: 'Start chatting' }).click();
   await page.getByRole('alert').filter({ hasText: 'Enter a valid name' }).waitFor();
   log('empty name refused with the server error');
@@ -112,6 +160,7 @@ try {
   await page.getByLabel('Your name').fill('Ann');
   await page.getByLabel('Your name').press('Enter');
   await page.getByText('Chatting as').waitFor();
+  check((await page.locator('.who bdi').innerText()) === 'Ann', 'the name is shown in <bdi>');
   await status.filter({ hasText: 'Connected' }).waitFor();
   const token = await page.evaluate(() => localStorage.getItem('chat.token'));
   check(token, 'the token is kept in localStorage');
@@ -171,6 +220,27 @@ try {
   check(third.length > 0, 'a reply after the restart');
   log('chat works after the restart');
 
+  // 5b. A reply with markdown images (one to the counting server): after a reload it is shown,
+  //     the images as links, and the browser fetched nothing.
+  const imageUrl = `${images.url}/chart.png?reader=ann`;
+  await ask('add-reply', {
+    token,
+    question: 'Show me the chart.',
+    reply: `Here it is: ![the chart](${imageUrl}) and ![ref][pic]\n\n[pic]: ${images.url}/ref.png`,
+  });
+  await page.reload();
+  await status.filter({ hasText: 'Connected' }).waitFor();
+  const imageReply = items.nth(7);
+  await imageReply.getByText('Here it is').waitFor();
+  await page.waitForTimeout(500); // anything the page would fetch has had time to go out
+  check(images.seen.length === 0, `the page fetched no image: ${images.seen.join(', ')}`);
+  check((await log_.locator('img').count()) === 0, 'no <img> in the conversation');
+  check(violations.length === 0, `no CSP violation from the reply: ${violations.join('; ')}`);
+  const imageLinks = imageReply.locator('a.image-link');
+  check((await imageLinks.count()) === 2, 'both images are shown as links');
+  check((await imageLinks.first().getAttribute('href')) === imageUrl, 'the link goes to the image');
+  log('a reply with images: shown as links, nothing fetched');
+
   // 6. The session expires while the page is open: the next message brings the start
   //    screen back with a clear message, and the token is forgotten.
   await ask('expire-session', { token });
@@ -192,8 +262,13 @@ try {
   log('expired session (reload) returns to the start screen');
 
   check(pageErrors.length === 0, `no errors in the page: ${pageErrors.join('; ')}`);
+  check(violations.length === 0, `no CSP violations: ${violations.join('; ')}`);
+  check(policyMessages.length === 0, `no CSP messages in the console: ${policyMessages.join('; ')}`);
+  check(images.seen.length === 0, `no image fetched: ${images.seen.join(', ')}`);
+  log('no CSP violation and no image request during the whole run');
   process.stdout.write('E2E {"done": true}\n');
 } finally {
+  images.close();
   await context.close();
   rmSync(userDir, { recursive: true, force: true });
 }

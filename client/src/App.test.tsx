@@ -102,6 +102,29 @@ describe('chat screen', () => {
     expect((window as unknown as { hacked?: number }).hacked).toBeUndefined();
   });
 
+  it('shows the user name isolated in <bdi>, so an RTL name does not reorder the header', async () => {
+    const rtl = 'שרה 42';
+    localStorage.setItem(TOKEN_KEY, TOKEN);
+    server.always('/refresh_token', { status: 200, body: session([], rtl) });
+    render(<App client={server.makeClient()} />);
+    await act(async () => {
+      server.socket.open();
+      await flush();
+    });
+    const name = await screen.findByText(rtl);
+    expect(name.tagName).toBe('BDI');
+    expect(name.closest('.who')).toHaveTextContent(`Chatting as ${rtl}`);
+  });
+
+  it('shows an image in a reply as a link, never as <img>', async () => {
+    await openChat([]);
+    const md = 'See ![the chart](http://127.0.0.1:9/chart.png)';
+    await emit({ type: 'message', id: 'b1', reply_to: 'hx', source: 'bot', msg: md, timestamp: 'T' });
+    const item = within(log()).getByText(/See/).closest('li') as HTMLElement;
+    expect(item.querySelector('img')).toBeNull();
+    expect(within(item).getByText('[the chart]')).toHaveAttribute('href', 'http://127.0.0.1:9/chart.png');
+  });
+
   it('renders code blocks and drops javascript: links', async () => {
     await openChat([]);
     const md = '```python\nprint("hi")\n```\n\n[click](javascript:alert(1)) [ok](https://example.com)';

@@ -1,5 +1,5 @@
-// The wire contract as the page sees it (docs/protocol.md, ../shared/PROTOCOL.md and the
-// additions agreed for notices, rate limits and connection limits).
+// The wire contract as the page sees it: docs/protocol.md, the project's own contract (events,
+// notices, error codes, rate and connection limits, close codes).
 
 export type Source = 'human' | 'bot';
 

@@ -3,8 +3,10 @@
 Real processes only: the session's embedded Redis, `python -m server` serving the built page
 (client/dist) and `python -m worker` with the local model. The browser side is
 client/e2e/chat.e2e.mjs (playwright-core driving Debian's chromium); it asks this harness,
-one line at a time, to kill the server, start it again on the same port, or expire the
-session, and says `done` when every step has passed.
+one line at a time, to kill the server, start it again on the same port, expire the
+session, or store a chosen bot reply (the local model cannot be asked for an exact text), and
+says `done` when every step has passed. The page is served with the server's
+Content-Security-Policy; the script fails on any CSP violation.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import redis
 
 from core.config import Settings
 from core.keys import Keys
+from core.models import Message, Source
 from tests.conftest import make_settings
 from tests.support.processes import ROOT, ServerChild, WorkerChild, settings_env
 
 CLIENT = ROOT / "client"
 DIST = CLIENT / "dist"
 SCRIPT = CLIENT / "e2e" / "chat.e2e.mjs"
+BASIC_SCRIPT = CLIENT / "e2e" / "basic.e2e.mjs"
 # Where the page's screenshot goes; `E2E_SCREENSHOT=docs/chat-page.png make e2e` refreshes the
 # one in the docs (by default it goes to the test's temporary directory).
 SCREENSHOT_ENV = "E2E_SCREENSHOT"
@@ -92,6 +96,16 @@ class Harness:
     def expire_session(self, token: str) -> None:
         with redis.Redis.from_url(self.settings.redis_url) as client:
             assert client.delete(self.keys.session(token)) == 1
+
+    def add_reply(self, token: str, question: str, reply: str) -> None:
+        """Store a question and a chosen bot reply in the session, as a worker would have.
+        Test-only: written straight into the document, so no worker sees the question."""
+        human = Message(source=Source.HUMAN, msg=question)
+        bot = Message(source=Source.BOT, msg=reply, reply_to=human.id)
+        documents = [m.model_dump(mode="json", exclude_none=True) for m in (human, bot)]
+        with redis.Redis.from_url(self.settings.redis_url) as client:
+            key = self.keys.session(token)
+            assert client.json().arrappend(key, "$.messages", *documents) != [None]
 
     def stop(self) -> None:
         self.server.stop()
@@ -166,6 +180,8 @@ def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
                     harness.start_server()
                 elif need == "expire-session":
                     harness.expire_session(request["token"])
+                elif need == "add-reply":
+                    harness.add_reply(request["token"], request["question"], request["reply"])
                 else:
                     raise AssertionError(f"unknown request from the browser script: {need}")
                 process.stdin.write("ok\n")
@@ -182,3 +198,40 @@ def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
     assert code == 0 and done, f"browser script failed ({code}):\n{report}\n{harness.logs()}"
     assert harness.restarts == 1
     assert screenshot.is_file()
+
+
+@pytest.fixture
+def basic_harness(redis_url: str, tmp_path: Path) -> Iterator[Harness]:
+    """The same stack serving the dependency-free page, client/basic."""
+    missing = [m for m in _missing_prerequisites() if "client/dist" not in m]
+    if missing:
+        pytest.fail("the browser test needs: " + "; ".join(missing))
+    settings = make_settings(
+        redis_url,
+        model_backend="local",
+        model_max_new_tokens=32,
+        model_timeout_seconds=120.0,
+        client_dir=CLIENT / "basic",
+    )
+    stack = Harness(settings, tmp_path)
+    try:
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_basic_page_under_the_csp(basic_harness: Harness) -> None:
+    """The basic page's script and styles are files: it works under script-src 'self'."""
+    env = {**os.environ, "BASE_URL": basic_harness.server.url, "CHROMIUM": CHROMIUM}
+    run = subprocess.run(
+        ["node", str(BASIC_SCRIPT)],
+        cwd=CLIENT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, f"basic page failed:\n{run.stderr}\n{basic_harness.logs()}"

@@ -153,7 +153,9 @@ async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
     response = await client.get("/")
     assert response.status_code == 200
     assert "text/html" in response.headers["content-type"]
-    assert "/chat" in response.text
+    # The basic page's script is a file (the CSP allows no inline script).
+    assert '<script src="app.js">' in response.text
+    assert "/chat" in (await client.get("/app.js")).text
 
 
 async def test_readiness_fails_when_the_event_fan_out_stopped(

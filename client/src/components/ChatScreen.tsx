@@ -28,7 +28,11 @@ export function ChatScreen({ view, client }: Props) {
     <section className="chat" aria-label="Chat">
       <header className="bar">
         <span className="who">
-          Chatting as <strong>{view.name || '…'}</strong>
+          {/* <bdi>: a right-to-left name must not reorder the words around it. */}
+          Chatting as{' '}
+          <strong>
+            <bdi>{view.name || '…'}</bdi>
+          </strong>
         </span>
         <button type="button" onClick={() => client.newChat()}>
           New chat
