@@ -15,10 +15,10 @@ from core.redis import ensure_group
 from core.store import SessionStore
 from launcher.redis_server import free_port
 from tests.conftest import make_settings
+from tests.support import sessions
 from tests.support.model_servers import Hang, HttpError, ModelServer
 from tests.support.stack import running_stack
 from worker.worker import Worker, WorkerFailed
-from tests.support import sessions
 
 
 @asynccontextmanager
