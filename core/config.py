@@ -182,6 +182,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_wildcards_in_production(self) -> Settings:
+        """A wildcard in production is a mistake with a cost: any page driving the chat, or
+        any client choosing its own rate-limit bucket."""
         if self.app_env == "production":
             for name in ("cors_origins", "allowed_origins"):
                 if "*" in getattr(self, name):
@@ -189,6 +191,12 @@ class Settings(BaseSettings):
                         f"APP_ENV=production does not allow '*' in {name.upper()}: "
                         "list the origins of your pages instead"
                     )
+            if "*" in self.forwarded_allow_ips:
+                raise ValueError(
+                    "APP_ENV=production does not allow '*' in FORWARDED_ALLOW_IPS: anyone "
+                    "could then pick the client address the rate limits count (X-Forwarded-For); "
+                    "list your proxies' addresses or networks instead"
+                )
         return self
 
     @property
