@@ -19,7 +19,10 @@ from core.config import Settings
 from core.keys import Keys
 from core.models import new_id
 from core.store import BacklogFull, SessionStore
+from server.__main__ import WS_MAX_FRAME_BYTES
+from server.main import create_app
 from tests.conftest import make_settings
+from tests.support.asgi_server import InProcessServer
 from tests.support.model_servers import ModelServer
 from tests.support.raw_ws import RawSocket, close_codes
 from tests.support.sessions import add_human_message
@@ -84,6 +87,43 @@ async def test_a_client_that_stops_reading_is_closed_and_its_socket_released(
         async with stack.socket(token) as chat:
             await chat.send("still there?")
             assert (await chat.until("message", timeout=60))["msg"] == "echo: still there?"
+
+
+class _HideTheProtocol:
+    """Middleware that wraps `receive`, as some do: the route cannot reach uvicorn's transport
+    to abort it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def wrapped() -> Any:
+            return await receive()
+
+        await self.app(scope, wrapped, send)
+
+
+async def test_without_an_abort_the_handler_still_returns_and_releases_the_socket(
+    redis_url: str, long_replies: ModelServer, redis: Redis
+) -> None:
+    settings = robust(
+        redis_url, long_replies, socket_send_timeout_seconds=1.0, max_reply_chars=10**8
+    )
+    app = create_app(settings)
+    app.add_middleware(_HideTheProtocol)
+    async with InProcessServer(app, ws_max_size=WS_MAX_FRAME_BYTES) as served:
+        stack = Stack(settings, served)
+        stack.add_worker()
+        try:
+            token = await stack.new_session()
+            reader = await RawSocket.connect(f"{served.ws_url}/chat?token={token}")
+            try:
+                await reader.send_text("tell me everything")
+                await until(lambda: _is_zero(open_sockets(redis, settings, token)), 60, "released")
+            finally:
+                reader.close()
+        finally:
+            await stack.stop_workers()
 
 
 async def _answered(stack: Stack, token: str) -> bool:

@@ -199,7 +199,7 @@ async def _close(websocket: WebSocket, code: int, reason: str, send_timeout: flo
         async with asyncio.timeout(send_timeout):
             await websocket.close(code=code, reason=reason)
     except TimeoutError:
-        logger.warning("socket could not take its close frame either; dropping the connection")
+        logger.warning("socket could not take its close frame either; aborting the connection")
         _abort(websocket)
 
 
