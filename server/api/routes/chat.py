@@ -49,6 +49,8 @@ class _Socket:
     address: str
     services: Services
     outbox: Outbox
+    receiver: asyncio.Task[None]  # the handler's task, which receives the client's frames
+    gave_up: bool = False  # set by the sender when it had to end the receiving (_give_up)
 
     def reply_error(
         self,
@@ -126,17 +128,27 @@ async def _serve(websocket: WebSocket, token: str, address: str, services: Servi
     async with services.hub.subscribe(token) as outbox:
         await websocket.accept()
         logger.info("socket opened for session %s", short(token))
-        socket = _Socket(websocket, token, address, services, outbox)
-        timeout = services.settings.socket_send_timeout_seconds
+        receiver = asyncio.current_task()
+        assert receiver is not None
+        socket = _Socket(websocket, token, address, services, outbox, receiver)
         # The sender is a task; this handler's own task receives. (One task fewer per socket
         # than a task for each: about 1 KiB of an idle socket's cost, docs/benchmarks.md.)
-        sender = asyncio.create_task(_send_events(websocket, outbox, timeout))
+        # If the sender closes the socket first (a resync, a slow client), the close, or the
+        # connection's end, ends the receiving too.
+        sender = asyncio.create_task(_send_events(socket))
         received: object = None
         try:
-            received = await _receive_until_sender_ends(socket, sender)
+            received = await _receive_frames(socket)
             if received is _CLOSING:
                 # The server is closing: let the sender deliver what is queued, then the close.
+                timeout = services.settings.socket_send_timeout_seconds
                 await asyncio.wait({sender}, timeout=3 * timeout)
+        except (WebSocketDisconnect, RuntimeError):  # the connection was already gone
+            pass
+        except asyncio.CancelledError:
+            if not socket.gave_up:
+                raise
+            receiver.uncancel()  # the sender's doing (see _give_up): this socket is done
         finally:
             if not sender.done():
                 sender.cancel()
@@ -147,79 +159,65 @@ async def _serve(websocket: WebSocket, token: str, address: str, services: Servi
     logger.info("socket closed for session %s", short(token))
 
 
-async def _receive_until_sender_ends(socket: _Socket, sender: asyncio.Task[None]) -> object:
-    """Receive frames until the client disconnects (None), the server closes (_CLOSING), or
-    the sender ends (None): when it gave up on a client that does not read, nothing else
-    would end a receive that waits for a client that sends nothing either."""
-    receiving = asyncio.timeout(None)
-    active = True
-
-    def end_receiving(_: object) -> None:
-        if active:
-            receiving.reschedule(asyncio.get_running_loop().time())
-
-    try:
-        async with receiving:
-            sender.add_done_callback(end_receiving)
-            try:
-                return await _receive_frames(socket)
-            finally:
-                active = False
-                sender.remove_done_callback(end_receiving)
-    except (WebSocketDisconnect, RuntimeError):  # the connection was already gone
-        return None
-    except TimeoutError:
-        if receiving.expired():
-            return None
-        raise
-
-
-async def _send_events(websocket: WebSocket, outbox: Outbox, send_timeout: float) -> None:
-    """Send the outbox's frames in order until a close; each may take `send_timeout` s."""
+async def _send_events(socket: _Socket) -> None:
+    """Send the outbox's frames in order until a close; each send may take
+    SOCKET_SEND_TIMEOUT_SECONDS."""
+    send_timeout = socket.services.settings.socket_send_timeout_seconds
     try:
         while True:
-            frame = await outbox.get()
+            frame = await socket.outbox.get()
             if isinstance(frame, CloseSocket):
-                await _close(websocket, frame.code, frame.reason, send_timeout)
+                await _close(socket, frame.code, frame.reason)
                 return
             async with asyncio.timeout(send_timeout):
-                await websocket.send_text(frame)
+                await socket.websocket.send_text(frame)
     except OutboxOverflow:
         logger.warning("socket's outbox is full (it reads too slowly); closing it to resync")
-        await _close(websocket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW, send_timeout)
+        await _close(socket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW)
     except TimeoutError:
         logger.warning("socket took a frame for over %g s; closing it to resync", send_timeout)
-        await _close(websocket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW, send_timeout)
+        await _close(socket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW)
 
 
-async def _close(websocket: WebSocket, code: int, reason: str, send_timeout: float) -> None:
-    """Close with `code`; when even the close frame cannot be written within `send_timeout`
-    (the client reads nothing and every buffer is full), drop the connection."""
+async def _close(socket: _Socket, code: int, reason: str) -> None:
+    """Close with `code`; when even the close frame cannot be written in time (the client
+    reads nothing and every buffer is full), drop the connection."""
     try:
-        async with asyncio.timeout(send_timeout):
-            await websocket.close(code=code, reason=reason)
+        async with asyncio.timeout(socket.services.settings.socket_send_timeout_seconds):
+            await socket.websocket.close(code=code, reason=reason)
     except TimeoutError:
         logger.warning("socket could not take its close frame either; aborting the connection")
-        _abort(websocket)
+        if not _abort(socket.websocket):
+            _give_up(socket)
 
 
-def _abort(websocket: WebSocket) -> None:
-    """Drop the TCP connection now, unsent data and all.
+def _give_up(socket: _Socket) -> None:
+    """End the handler of a socket whose connection cannot be dropped: its receive would wait
+    for a client that sends nothing, as no disconnect can come now. Cancelling the receiving
+    task costs nothing per socket, unlike a timeout scope around every receive."""
+    socket.gave_up = True
+    socket.receiver.cancel()
 
-    uvicorn (0.54, both websockets implementations) has no way to do this through ASGI: its
-    send waits for the write buffer to drain before anything, a close included, and its own
-    close (after the close handshake's timeout, or on a ping timeout) is a graceful
-    `transport.close()` that also waits for the buffer, which a client that reads nothing never
-    drains. So this reaches the uvicorn protocol whose bound method is the socket's `receive`
-    and aborts its transport; uvicorn then sees the connection lost and ends the receive. With
-    a server or a middleware that hides it, the handler still returns (the receiving is ended
-    by the sender), but the connection lingers until the client goes."""
+
+def _abort(websocket: WebSocket) -> bool:
+    """Drop the TCP connection now, unsent data and all; False when it cannot be reached.
+
+    ASGI has no abort, and uvicorn 0.54's websockets-sansio implementation (the one "auto"
+    picks here; wsproto's is alike) never drops a connection with unsent data: its send waits
+    for the write buffer to drain before anything, a close included, and its own closes (after
+    the close handshake's timeout, or on a ping timeout) are a graceful `transport.close()`
+    that waits for the same buffer, which a client that reads nothing never drains. So this
+    reaches the uvicorn protocol whose bound method is the socket's `receive` and aborts its
+    transport; uvicorn then sees the connection lost and ends the receive. A middleware that
+    wraps `receive` hides it: then the handler still returns (`_give_up`), but the connection
+    lingers until the client goes."""
     protocol = getattr(websocket._receive, "__self__", None)
     transport = getattr(protocol, "transport", None)
     if isinstance(transport, asyncio.Transport):
         transport.abort()
-    else:
-        logger.warning("cannot abort this server's connection: it is left to the client")
+        return True
+    logger.warning("cannot abort this server's connection: it is left to the client")
+    return False
 
 
 async def _receive_frames(socket: _Socket) -> object:
