@@ -199,6 +199,20 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _outbox_holds_a_whole_reply(self) -> Settings:
+        """The final `message` event of a reply must fit in a socket's outbox (at 4 bytes a
+        character, as the outbox counts an astral character), or every socket would be closed
+        1013 on every long reply."""
+        needed = 4 * self.max_reply_chars + 64 * 1024
+        if self.outbox_max_bytes < needed:
+            raise ValueError(
+                f"OUTBOX_MAX_BYTES ({self.outbox_max_bytes}) must be at least "
+                f"4 x MAX_REPLY_CHARS + 65536 = {needed}: a whole reply has to fit in a "
+                "socket's outbox"
+            )
+        return self
+
     @property
     def socket_origins(self) -> list[str]:
         """Origins allowed to open /chat besides the server's own. The default list (the Vite

@@ -65,7 +65,7 @@ async def test_a_client_that_stops_reading_is_closed_and_its_socket_released(
         long_replies,
         socket_send_timeout_seconds=1.0,
         outbox_max_bytes=256 * 1024 * 1024,  # only the send timeout can act here
-        max_reply_chars=10**8,
+        max_reply_chars=10**7,
     )
     async with running_stack(settings) as stack:
         token = await stack.new_session()
@@ -107,7 +107,11 @@ async def test_without_an_abort_the_handler_still_returns_and_releases_the_socke
     redis_url: str, long_replies: ModelServer, redis: Redis
 ) -> None:
     settings = robust(
-        redis_url, long_replies, socket_send_timeout_seconds=1.0, max_reply_chars=10**8
+        redis_url,
+        long_replies,
+        socket_send_timeout_seconds=1.0,
+        outbox_max_bytes=64 * 1024 * 1024,
+        max_reply_chars=10**7,
     )
     app = create_app(settings)
     app.add_middleware(_HideTheProtocol)
@@ -231,6 +235,12 @@ def test_a_wildcard_proxy_list_is_refused_in_production() -> None:
     assert Settings(_env_file=None, forwarded_allow_ips="*").forwarded_allow_ips == ["*"]
     listed = Settings(_env_file=None, app_env="production", forwarded_allow_ips="10.0.0.0/8")
     assert listed.forwarded_allow_ips == ["10.0.0.0/8"]
+
+
+def test_the_outbox_must_hold_a_whole_reply() -> None:
+    with pytest.raises(pydantic.ValidationError, match="OUTBOX_MAX_BYTES"):
+        Settings(_env_file=None, outbox_max_bytes=64 * 1024, max_reply_chars=8000)
+    assert Settings(_env_file=None).outbox_max_bytes == 1024 * 1024
 
 
 # --- A full backlog -------------------------------------------------------------------------

@@ -197,7 +197,11 @@ async def test_slow_reader(
     """A client asks for a long reply (about 8 MB of token events) and never reads."""
     model.behaviour.reply_override = " ".join(["x" * 4000] * 2000)
     model.behaviour.token_delay = 0.0
-    extra = {"SOCKET_SEND_TIMEOUT_SECONDS": "2", "MAX_REPLY_CHARS": str(10**8)}
+    extra = {
+        "SOCKET_SEND_TIMEOUT_SECONDS": "2",
+        "MAX_REPLY_CHARS": str(10**7),
+        "OUTBOX_MAX_BYTES": str(64 * MiB),  # a whole reply (up to 40 MB) must fit
+    }
     with service(hostile_settings, tmp_path, **extra) as server:
         started = time.monotonic()
         token = await new_session(server, "slow")
