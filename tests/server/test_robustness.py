@@ -228,6 +228,25 @@ def test_ipv6_clients_are_grouped_by_64(one: str, other: str, same: bool) -> Non
     assert (address_group(one) == address_group(other)) is same
 
 
+async def test_an_ipv6_64_shares_one_rate_limit(redis_url: str, model_server: ModelServer) -> None:
+    settings = robust(
+        redis_url, model_server, rate_limit_token_requests=1, forwarded_allow_ips=["127.0.0.1"]
+    )
+    async with (
+        InProcessServer(create_app(settings), proxy_headers=False) as served,
+        httpx.AsyncClient(base_url=served.url) as http,
+    ):
+        answers = [
+            (
+                await http.post(
+                    "/token", params={"name": "x"}, headers={"X-Forwarded-For": address}
+                )
+            ).status_code
+            for address in ("2001:db8:1:2::1", "2001:db8:1:2::abcd", "2001:db8:1:3::1")
+        ]
+    assert answers == [200, 429, 200]  # the second is in the first's /64, the third is not
+
+
 def test_a_wildcard_proxy_list_is_refused_in_production() -> None:
     with pytest.raises(pydantic.ValidationError, match="FORWARDED_ALLOW_IPS"):
         Settings(_env_file=None, app_env="production", forwarded_allow_ips="*")
