@@ -283,6 +283,8 @@ def stack_env(redis_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
             "RATE_LIMIT_ADDRESS_MESSAGES": unlimited,
             "RATE_LIMIT_TOKEN_REQUESTS": unlimited,
             "RATE_LIMIT_REFRESH_REQUESTS": unlimited,
+            "RATE_LIMIT_STOP_REQUESTS": unlimited,
+            "MAX_SOCKETS_PER_ADDRESS": unlimited,
         }
     )
     env.update(extra)

@@ -182,6 +182,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_wildcards_in_production(self) -> Settings:
+        """A wildcard in production is a mistake with a cost: any page driving the chat, or
+        any client choosing its own rate-limit bucket."""
         if self.app_env == "production":
             for name in ("cors_origins", "allowed_origins"):
                 if "*" in getattr(self, name):
@@ -189,6 +191,26 @@ class Settings(BaseSettings):
                         f"APP_ENV=production does not allow '*' in {name.upper()}: "
                         "list the origins of your pages instead"
                     )
+            if "*" in self.forwarded_allow_ips:
+                raise ValueError(
+                    "APP_ENV=production does not allow '*' in FORWARDED_ALLOW_IPS: anyone "
+                    "could then pick the client address the rate limits count (X-Forwarded-For); "
+                    "list your proxies' addresses or networks instead"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _outbox_holds_a_whole_reply(self) -> Settings:
+        """The final `message` event of a reply must fit in a socket's outbox (at 4 bytes a
+        character, as the outbox counts an astral character), or every socket would be closed
+        1013 on every long reply."""
+        needed = 4 * self.max_reply_chars + 64 * 1024
+        if self.outbox_max_bytes < needed:
+            raise ValueError(
+                f"OUTBOX_MAX_BYTES ({self.outbox_max_bytes}) must be at least "
+                f"4 x MAX_REPLY_CHARS + 65536 = {needed}: a whole reply has to fit in a "
+                "socket's outbox"
+            )
         return self
 
     @property

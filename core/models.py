@@ -105,6 +105,19 @@ class AckEvent(BaseModel):
     client_id: str | None = None
 
 
+# `dump_event(AckEvent(...))` starts with this, as `type` and `id` are its first fields: the
+# server's outbox spots acks among thousands of frames without parsing JSON.
+ACK_PREFIX = '{"type":"ack","id":"'
+
+
+def ack_message_id(frame: str) -> str | None:
+    """The message id an ack frame (as `dump_event` writes it) acknowledges; None for any other
+    frame."""
+    if not frame.startswith(ACK_PREFIX):
+        return None
+    return frame[len(ACK_PREFIX) : len(ACK_PREFIX) + 36]
+
+
 class TokenEvent(BaseModel):
     type: Literal["token"] = "token"
     id: str

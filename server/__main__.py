@@ -9,7 +9,8 @@ from core.heap import freeze_startup_heap
 from core.logs import configure_logging
 
 # Frames larger than this are refused by uvicorn with close code 1009 before we parse them;
-# anything between MAX_MESSAGE_CHARS and this gets a `too_large` error event instead.
+# anything between the message limits (MAX_MESSAGE_CHARS, MAX_MESSAGE_BYTES) and this gets a
+# `too_large` error event instead (server/frames.py).
 WS_MAX_FRAME_BYTES = 1024 * 1024
 
 

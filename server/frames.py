@@ -3,6 +3,10 @@
 A text frame is a chat message (so Postman works as in the tutorial). A frame that is a JSON
 object with a `"type"` is a command instead; see docs/protocol.md for the table of inputs and
 what each gets.
+
+Every error text quotes at most a short prefix of what the client sent: an error is queued on
+the client's own socket, so an echo of a 1 MiB frame would let a client that does not read
+pile up memory on the server.
 """
 
 from __future__ import annotations
@@ -14,10 +18,17 @@ from dataclasses import dataclass
 from core.models import ErrorCode
 
 _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
+# Control characters (C0, DEL, C1) but newline and tab: they render as nothing or garble
+# terminals and logs, and no keyboard types them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 KNOWN_COMMANDS = ("message", "stop")
 
-
 MAX_CLIENT_ID_CHARS = 100
+QUOTED_CHARS = 40  # the longest piece of client input an error text repeats
+# A JSON string escape takes at most 6 characters per UTF-8 byte (`\u0041`), so a frame longer
+# than this cannot hold a message within the byte limit: refused without parsing it.
+_ESCAPE_FACTOR = 6
+_FRAME_OVERHEAD = 1024  # the command's other keys and a client_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +52,36 @@ class FrameError:
 Frame = ChatMessage | StopGeneration | FrameError
 
 
-def parse_frame(text: str, max_chars: int) -> Frame:
+def quoted(text: str) -> str:
+    """`text` as an error repeats it: its first QUOTED_CHARS characters, an ellipsis if cut,
+    in Python's quoting (so controls and lone surrogates come out as escapes)."""
+    if len(text) > QUOTED_CHARS:
+        return repr(text[:QUOTED_CHARS] + "…")
+    return repr(text)
+
+
+def parse_frame(text: str, max_chars: int, max_bytes: int) -> Frame:
+    if len(text) > _ESCAPE_FACTOR * max_bytes + _FRAME_OVERHEAD:
+        return FrameError(
+            ErrorCode.TOO_LARGE,
+            f"Frame is {len(text)} characters long; a message may have at most {max_chars}",
+        )
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
             command = json.loads(stripped)
+        except RecursionError:
+            return FrameError(ErrorCode.BAD_REQUEST, "Malformed JSON command: nested too deeply")
         except ValueError as exc:
             if _LOOKS_LIKE_COMMAND.match(stripped):
                 return FrameError(ErrorCode.BAD_REQUEST, f"Malformed JSON command: {exc}")
             command = None
         if isinstance(command, dict) and "type" in command:
-            return _parse_command(command, max_chars)
-    return _chat_message(text, max_chars)
+            return _parse_command(command, max_chars, max_bytes)
+    return _chat_message(text, max_chars, max_bytes)
 
 
-def _parse_command(command: dict[str, object], max_chars: int) -> Frame:
+def _parse_command(command: dict[str, object], max_chars: int, max_bytes: int) -> Frame:
     kind = command["type"]
     if kind == "stop":
         return StopGeneration()
@@ -63,19 +89,39 @@ def _parse_command(command: dict[str, object], max_chars: int) -> Frame:
         msg, client_id = command.get("msg"), command.get("client_id")
         if not isinstance(msg, str):
             return FrameError(ErrorCode.BAD_REQUEST, 'A "message" command needs a string "msg"')
-        if client_id is not None and not (
-            isinstance(client_id, str) and 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
-        ):
+        if client_id is not None and not _valid_client_id(client_id):
             return FrameError(
                 ErrorCode.BAD_REQUEST,
-                f'"client_id" must be a string of 1 to {MAX_CLIENT_ID_CHARS} characters',
+                f'"client_id" must be a string of 1 to {MAX_CLIENT_ID_CHARS} characters, '
+                "without control characters or lone surrogates",
             )
-        return _chat_message(msg, max_chars, client_id)
+        assert client_id is None or isinstance(client_id, str)
+        return _chat_message(msg, max_chars, max_bytes, client_id)
     known = ", ".join(KNOWN_COMMANDS)
-    return FrameError(ErrorCode.BAD_REQUEST, f"Unknown command type {kind!r}; known: {known}")
+    # Only a string is quoted: the repr of a huge or deeply nested value is itself a hazard.
+    named = quoted(kind) if isinstance(kind, str) else f"(a JSON {_json_kind(kind)})"
+    return FrameError(ErrorCode.BAD_REQUEST, f"Unknown command type {named}; known: {known}")
 
 
-def _chat_message(text: str, max_chars: int, client_id: str | None = None) -> Frame:
+def _valid_client_id(client_id: object) -> bool:
+    return (
+        isinstance(client_id, str)
+        and 0 < len(client_id) <= MAX_CLIENT_ID_CHARS
+        and _unicode_problem(client_id) is None
+    )
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, bool) or value is None:
+        return "literal"
+    return "number"
+
+
+def _chat_message(text: str, max_chars: int, max_bytes: int, client_id: str | None = None) -> Frame:
     text = text.strip()
     if not text:
         return FrameError(ErrorCode.BAD_REQUEST, "Message is empty", client_id)
@@ -85,4 +131,33 @@ def _chat_message(text: str, max_chars: int, client_id: str | None = None) -> Fr
             f"Message is {len(text)} characters long; the limit is {max_chars}",
             client_id,
         )
+    problem = _unicode_problem(text)
+    if problem is not None:
+        return FrameError(ErrorCode.BAD_REQUEST, problem, client_id)
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        return FrameError(
+            ErrorCode.TOO_LARGE,
+            f"Message is {size} bytes long (UTF-8); the limit is {max_bytes}",
+            client_id,
+        )
     return ChatMessage(text, client_id)
+
+
+def _unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be stored and sent as UTF-8 text, or None."""
+    control = _CONTROL.search(text)
+    if control is not None:
+        return (
+            f"Message contains the control character U+{ord(control.group()):04X}; "
+            "only newline and tab are allowed"
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"Message contains a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+                f"character {exc.start}: it is not valid Unicode text"
+            )
+    return None

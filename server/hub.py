@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,13 +21,14 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from core.keys import Keys
+from core.models import ack_message_id
 
 logger = logging.getLogger(__name__)
 
 RESYNC_CODE = 1012  # "service restart": reconnect, and reload the history first
 
 
-class SubscriptionOverflow(Exception):
+class OutboxOverflow(Exception):
     """The socket did not keep up with its events."""
 
 
@@ -38,8 +40,13 @@ class CloseSocket:
     reason: str
 
 
-class Subscription:
+class Outbox:
     """The outgoing frames of one socket: events from Redis and the server's own replies.
+
+    Bounded in bytes, not frames: what one slow or hostile client can make the server hold is
+    `max_bytes` (each frame counted as the memory its string takes, so a frame of astral
+    characters counts four bytes a character). Past it the outbox drops everything, and
+    `get` raises OutboxOverflow so the sender closes the socket (the client resyncs).
 
     A deque and at most one waiting future: one server holds thousands of idle sockets, and
     an asyncio.Queue (three deques and an Event each) cost about 2 KiB more per socket. The
@@ -47,24 +54,44 @@ class Subscription:
     idle socket does not pay for it.
     """
 
-    __slots__ = ("_acked", "_after_ack", "_frames", "_max_pending", "_waiter", "overflowed")
+    __slots__ = (
+        "_acked",
+        "_after_ack",
+        "_bytes",
+        "_frames",
+        "_max_bytes",
+        "_waiter",
+        "overflowed",
+    )
 
     MAX_HELD = 100  # frames waiting for their ack (a lost ack must not keep them forever)
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self._frames: collections.deque[str | CloseSocket] = collections.deque()
-        self._max_pending = max_pending
+        self._max_bytes = max_bytes
+        self._bytes = 0  # what the queued frames take
         self._waiter: asyncio.Future[None] | None = None
         self._after_ack: dict[str, str] | None = None  # message id -> frame to send after its ack
         # Ids of the latest acks sent (a frame may be put after its ack went out).
         self._acked: collections.deque[str] | None = None
         self.overflowed = False
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
     def put(self, frame: str | CloseSocket) -> None:
-        if len(self._frames) >= self._max_pending:
+        if self.overflowed:
+            return
+        size = sys.getsizeof(frame) if isinstance(frame, str) else 0
+        if self._bytes + size > self._max_bytes:
             self.overflowed = True
+            self._frames.clear()  # nobody will send them: free the memory now
+            self._after_ack = None
+            self._bytes = 0
         else:
             self._frames.append(frame)
+            self._bytes += size
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -81,14 +108,17 @@ class Subscription:
         self._after_ack[message_id] = frame
 
     async def get(self) -> str | CloseSocket:
-        """The next frame, in order; raises SubscriptionOverflow once a frame was dropped."""
+        """The next frame, in order; raises OutboxOverflow once a frame was dropped."""
         while True:
             if self.overflowed:
-                raise SubscriptionOverflow
+                raise OutboxOverflow
             if self._frames:
                 frame = self._frames.popleft()
-                if isinstance(frame, str) and frame.startswith('{"type":"ack"'):
-                    self._note_ack(frame)
+                if isinstance(frame, str):
+                    self._bytes -= sys.getsizeof(frame)
+                    message_id = ack_message_id(frame)
+                    if message_id is not None:
+                        self._note_ack(message_id)
                 return frame
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -96,25 +126,24 @@ class Subscription:
             finally:
                 self._waiter = None
 
-    def _note_ack(self, frame: str) -> None:
-        # Cheap: acks are `{"type":"ack","id":"<uuid>",...}`; no JSON parsing needed.
-        message_id = frame[len('{"type":"ack","id":"') :][:36]
+    def _note_ack(self, message_id: str) -> None:
         if self._acked is None:
             self._acked = collections.deque(maxlen=self.MAX_HELD)
         self._acked.append(message_id)
         held = self._after_ack.pop(message_id, None) if self._after_ack else None
         if held is not None:
             self._frames.appendleft(held)  # the very next frame, right after its ack
+            self._bytes += sys.getsizeof(held)
 
 
 class EventHub:
-    def __init__(self, redis: Redis, keys: Keys, max_pending: int = 10_000) -> None:
+    def __init__(self, redis: Redis, keys: Keys, outbox_max_bytes: int = 1024 * 1024) -> None:
         self._redis = redis
         self._keys = keys
-        self._max_pending = max_pending
+        self._outbox_max_bytes = outbox_max_bytes
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._subscribers: dict[str, set[Subscription]] = {}
+        self._subscribers: dict[str, set[Outbox]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._closing = False
@@ -148,15 +177,15 @@ class EventHub:
         return len(self._subscribers)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, token: str) -> AsyncIterator[Subscription]:
-        """Receive the session's events for as long as the context is open."""
+    async def subscribe(self, token: str) -> AsyncIterator[Outbox]:
+        """Receive the session's events in an outbox for as long as the context is open."""
         assert self._pubsub is not None, "EventHub.start() was not called"
         channel = self._keys.events(token)
-        subscription = Subscription(self._max_pending)
+        outbox = Outbox(self._outbox_max_bytes)
         try:
             async with self._lock:
                 members = self._subscribers.setdefault(channel, set())
-                members.add(subscription)
+                members.add(outbox)
                 confirmation = self._confirmations.get(channel)
                 if len(members) == 1:
                     confirmation = asyncio.get_running_loop().create_future()
@@ -165,11 +194,11 @@ class EventHub:
             if confirmation is not None:
                 # Events published before Redis confirms would be missed: wait for it.
                 await asyncio.wait_for(asyncio.shield(confirmation), timeout=10)
-            yield subscription
+            yield outbox
         finally:
             async with self._lock:
                 members = self._subscribers.get(channel, set())
-                members.discard(subscription)
+                members.discard(outbox)
                 if not members and self._subscribers.pop(channel, None) is not None:
                     self._confirmations.pop(channel, None)
                     with contextlib.suppress(RedisError, OSError):
@@ -182,8 +211,8 @@ class EventHub:
             "Pub/Sub reconnected; closing %d channel(s) so clients resync", self.channels
         )
         for members in self._subscribers.values():
-            for subscription in members:
-                subscription.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
+            for outbox in members:
+                outbox.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
 
     async def _read_loop(self) -> None:
         assert self._pubsub is not None
@@ -207,8 +236,8 @@ class EventHub:
                 continue
             kind, channel = message["type"], message["channel"]
             if kind == "message":
-                for subscription in tuple(self._subscribers.get(channel, ())):
-                    subscription.put(message["data"])
+                for outbox in tuple(self._subscribers.get(channel, ())):
+                    outbox.put(message["data"])
             elif kind == "subscribe":
                 confirmation = self._confirmations.get(channel)
                 if confirmation is not None and not confirmation.done():

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
@@ -18,6 +19,7 @@ from core.keys import Keys
 from core.logs import configure_logging
 from core.redis import create_redis, ensure_group
 from core.store import SessionStore
+from server.api.deps import Services
 from server.api.errors import unavailable_response
 from server.api.main import api_router
 from server.hub import EventHub
@@ -26,24 +28,35 @@ from server.sockets import SocketRegistry
 
 logger = logging.getLogger(__name__)
 
+GZIP_MINIMUM_BYTES = 4096
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build the process's services once, for every route (`app.state.services`)."""
     settings: Settings = app.state.settings
     redis = create_redis(settings)
     keys = Keys(settings.key_prefix)
-    hub = EventHub(redis, keys)
+    hub = EventHub(redis, keys, settings.outbox_max_bytes)
     sockets = SocketRegistry(
-        redis, keys, settings.max_sockets_per_session, settings.socket_lease_seconds
+        redis,
+        keys,
+        settings.max_sockets_per_session,
+        settings.socket_lease_seconds,
+        settings.max_sockets_per_address,
     )
     try:
         await ensure_group(redis, keys)
         await hub.start()
         await sockets.start()
-        app.state.redis = redis
-        app.state.store = SessionStore(redis, settings)
-        app.state.hub = hub
-        app.state.sockets = sockets
+        app.state.services = Services(
+            settings=settings,
+            keys=keys,
+            redis=redis,
+            store=SessionStore(redis, settings),
+            hub=hub,
+            sockets=sockets,
+        )
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:
@@ -80,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # request comes from one of these proxies; anyone else's header is ignored.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     app.add_middleware(SecurityHeadersMiddleware)  # CSP, nosniff, no Referer: security_headers.py
+    # Large answers (a long /refresh_token history) go compressed to clients that accept it.
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES)
     app.include_router(api_router)
     app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir

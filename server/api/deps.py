@@ -1,7 +1,8 @@
-"""Dependencies: the process-wide resources the lifespan created, for HTTP and WebSocket routes."""
+"""The process-wide resources the lifespan creates, as one typed object for every route."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
@@ -9,38 +10,27 @@ from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from core.config import Settings
+from core.keys import Keys
 from core.store import SessionStore
 from server.hub import EventHub
 from server.sockets import SocketRegistry
 
 
-def get_settings(conn: HTTPConnection) -> Settings:
-    settings: Settings = conn.app.state.settings
-    return settings
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Built once by the lifespan (server/main.py) and kept on `app.state.services`."""
+
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    store: SessionStore
+    hub: EventHub
+    sockets: SocketRegistry
 
 
-def get_redis(conn: HTTPConnection) -> Redis:
-    redis: Redis = conn.app.state.redis
-    return redis
+def get_services(conn: HTTPConnection) -> Services:
+    services: Services = conn.app.state.services
+    return services
 
 
-def get_store(conn: HTTPConnection) -> SessionStore:
-    store: SessionStore = conn.app.state.store
-    return store
-
-
-def get_hub(conn: HTTPConnection) -> EventHub:
-    hub: EventHub = conn.app.state.hub
-    return hub
-
-
-def get_sockets(conn: HTTPConnection) -> SocketRegistry:
-    sockets: SocketRegistry = conn.app.state.sockets
-    return sockets
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RedisDep = Annotated[Redis, Depends(get_redis)]
-StoreDep = Annotated[SessionStore, Depends(get_store)]
-HubDep = Annotated[EventHub, Depends(get_hub)]
-SocketsDep = Annotated[SocketRegistry, Depends(get_sockets)]
+ServicesDep = Annotated[Services, Depends(get_services)]

@@ -114,6 +114,11 @@ async def test_session_expiring_while_connected_is_reported_and_closed(
         ('{"type": "stop"', "bad_request"),
         ('{"type": "dance"}', "bad_request"),
         ('{"type": "message", "msg": 42}', "bad_request"),
+        ('{"type":"message","msg":"\\ud800"}', "bad_request"),  # a lone surrogate
+        ('{"type": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}", "bad_request"),  # deep nesting
+        ('{"type": "message", "msg": "x", "a": ' + "[" * 3000 + "]" * 3000 + "}", "bad_request"),
+        ("[" * 3000 + "]" * 3000, "too_large"),  # not a command: text, and too long
+        ("ring \x07 the bell", "bad_request"),  # a control character
     ],
 )
 async def test_bad_frames_get_an_error_and_lose_nothing(

@@ -8,6 +8,7 @@ from core.models import ErrorCode
 from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
 
 LIMIT = 20
+BYTES = 30
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,7 @@ LIMIT = 20
     ],
 )
 def test_accepted_frames(frame: str, expected: object) -> None:
-    assert parse_frame(frame, LIMIT) == expected
+    assert parse_frame(frame, LIMIT, BYTES) == expected
 
 
 @pytest.mark.parametrize(
@@ -47,7 +48,7 @@ def test_accepted_frames(frame: str, expected: object) -> None:
     ],
 )
 def test_rejected_frames(frame: str, code: ErrorCode, words: str) -> None:
-    result = parse_frame(frame, LIMIT)
+    result = parse_frame(frame, LIMIT, BYTES)
     assert isinstance(result, FrameError)
     assert result.code is code
     assert words in result.detail
@@ -61,6 +62,97 @@ def test_rejected_frames(frame: str, code: ErrorCode, words: str) -> None:
     ],
 )
 def test_a_refused_message_command_keeps_its_client_id(frame: str, code: ErrorCode) -> None:
-    refused = parse_frame(frame, LIMIT)
+    refused = parse_frame(frame, LIMIT, BYTES)
     assert isinstance(refused, FrameError)
     assert (refused.code, refused.client_id) == (code, "c9")
+
+
+# --- Hostile frames: bounded error texts, bytes, surrogates, nesting, control characters -------
+
+
+def rejected(frame: str, max_chars: int = LIMIT, max_bytes: int = BYTES) -> FrameError:
+    result = parse_frame(frame, max_chars, max_bytes)
+    assert isinstance(result, FrameError), result
+    return result
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        '"' + "x" * 10_000 + '\U0001f600"',  # the astral character makes the repr 4x bigger
+        "[" + ", ".join(["1"] * 5000) + "]",
+        "{" + ", ".join(f'"k{n}": {n}' for n in range(2000)) + "}",
+    ],
+)
+def test_an_unknown_type_is_quoted_by_a_short_prefix_only(kind: str) -> None:
+    refused = rejected('{"type": ' + kind + "}", max_chars=100_000, max_bytes=100_000)
+    assert refused.code is ErrorCode.BAD_REQUEST
+    assert refused.detail.startswith("Unknown command type")
+    assert len(refused.detail) < 150
+
+
+def test_a_quoted_prefix_is_marked_with_an_ellipsis() -> None:
+    refused = rejected('{"type": "' + "y" * 100 + '"}', max_chars=1000, max_bytes=1000)
+    assert ("y" * 40 + "…") in refused.detail
+    assert "y" * 41 not in refused.detail
+
+
+def test_a_short_unknown_type_is_quoted_whole() -> None:
+    assert rejected('{"type": "dance"}').detail == (
+        "Unknown command type 'dance'; known: message, stop"
+    )
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"message","msg":"\\ud800"}',  # a lone surrogate: valid JSON, not Unicode text
+        '{"type":"message","msg":"ok \\udfff ok"}',
+        '{"type":"message","msg":"hi","client_id":"\\ud800"}',
+    ],
+)
+def test_lone_surrogates_are_a_bad_request(frame: str) -> None:
+    refused = rejected(frame)
+    assert refused.code is ErrorCode.BAD_REQUEST
+    assert "surrogate" in refused.detail or "client_id" in refused.detail
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}",
+        '{"type": "message", "msg": "hi", "extra": ' + "[" * 3000 + "]" * 3000 + "}",
+        '{"type": "message", "msg": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
+def test_deep_nesting_is_a_bad_request(frame: str) -> None:
+    refused = rejected(frame, max_chars=10**6, max_bytes=10**6)
+    assert refused.code is ErrorCode.BAD_REQUEST
+    assert "nested" in refused.detail
+
+
+def test_the_byte_limit_counts_utf8() -> None:
+    assert parse_frame("é" * 15, LIMIT, BYTES) == ChatMessage("é" * 15)  # 30 bytes
+    refused = rejected("é" * 16)  # 16 characters, 32 bytes
+    assert refused.code is ErrorCode.TOO_LARGE
+    assert refused.detail == "Message is 32 bytes long (UTF-8); the limit is 30"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("a\x00b", "U+0000"), ("bell\x07", "U+0007"), ("a\rb", "U+000D"), ("x\x85y", "U+0085")],
+)
+def test_control_characters_are_refused_and_named(text: str, named: str) -> None:
+    refused = rejected(text)
+    assert refused.code is ErrorCode.BAD_REQUEST
+    assert named in refused.detail
+
+
+def test_newline_and_tab_are_kept() -> None:
+    assert parse_frame("one\ttwo\nthree", LIMIT, BYTES) == ChatMessage("one\ttwo\nthree")
+
+
+def test_a_huge_frame_is_too_large_without_being_parsed() -> None:
+    refused = rejected('{"type": "message", "msg": "' + "z" * 900_000 + '"}', 4000, 16384)
+    assert refused.code is ErrorCode.TOO_LARGE
+    assert len(refused.detail) < 150

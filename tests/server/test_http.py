@@ -161,7 +161,7 @@ async def test_the_page_is_served(client: httpx.AsyncClient) -> None:
 async def test_readiness_fails_when_the_event_fan_out_stopped(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    hub = stack.server.app.state.hub
+    hub = stack.server.app.state.services.hub
     await hub.aclose()
     response = await client.get("/readyz")
     assert response.status_code == 503

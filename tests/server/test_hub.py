@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,17 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.keys import Keys
-from core.models import new_id
+from core.models import (
+    AckEvent,
+    ErrorCode,
+    ErrorEvent,
+    ack_message_id,
+    dump_event,
+    new_id,
+)
 from core.redis import create_redis
 from launcher.redis_server import EmbeddedRedis, free_port
-from server.hub import RESYNC_CODE, CloseSocket, EventHub, Subscription, SubscriptionOverflow
+from server.hub import RESYNC_CODE, CloseSocket, EventHub, Outbox, OutboxOverflow
 from tests.conftest import make_settings
 
 
@@ -60,13 +68,13 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
 async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
     redis: Redis, settings_keys: Keys
 ) -> None:
-    hub = EventHub(redis, settings_keys, max_pending=3)
+    hub = EventHub(redis, settings_keys, outbox_max_bytes=3000)
     await hub.start()
     token = new_id()
     try:
         async with hub.subscribe(token) as slow:
             for n in range(5):
-                await redis.publish(settings_keys.events(token), str(n))
+                await redis.publish(settings_keys.events(token), str(n) * 1000)
             await asyncio.sleep(0.3)
             assert slow.overflowed
     finally:
@@ -74,7 +82,7 @@ async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
 
 
 async def test_subscription_hands_frames_out_in_order_and_wakes_a_waiting_sender() -> None:
-    outbox = Subscription(max_pending=10)
+    outbox = Outbox(max_bytes=10_000)
     waiting = asyncio.create_task(outbox.get())
     await asyncio.sleep(0)  # the sender now waits on an empty outbox
     outbox.put("first")
@@ -83,13 +91,39 @@ async def test_subscription_hands_frames_out_in_order_and_wakes_a_waiting_sender
     assert await outbox.get() == CloseSocket(1000, "bye")
 
 
-async def test_subscription_overflow_drops_the_rest_and_raises() -> None:
-    outbox = Subscription(max_pending=2)
+async def test_outbox_overflow_drops_the_rest_and_raises() -> None:
+    outbox = Outbox(max_bytes=120)  # two one-character strings take 50 bytes each
     for frame in ("a", "b", "c"):
         outbox.put(frame)
     assert outbox.overflowed
-    with pytest.raises(SubscriptionOverflow):
+    assert outbox.queued_bytes == 0  # what was queued is freed at once
+    with pytest.raises(OutboxOverflow):
         await outbox.get()
+
+
+async def test_the_outbox_counts_bytes_not_frames() -> None:
+    outbox = Outbox(max_bytes=1024 * 1024)
+    outbox.put("x" * 300_000)  # about 300 kB
+    outbox.put("x" * 300_000 + "\U0001f600")  # one astral character: 4 bytes a character
+    assert outbox.overflowed
+
+
+async def test_the_outbox_gives_back_what_was_sent() -> None:
+    outbox = Outbox(max_bytes=100_000)
+    for _ in range(100):
+        outbox.put("y" * 10_000)
+        assert await outbox.get() == "y" * 10_000
+    assert not outbox.overflowed
+    assert outbox.queued_bytes == 0
+
+
+def test_an_ack_is_recognised_by_its_dumped_form() -> None:
+    """The outbox spots acks by their first bytes: this breaks if AckEvent's fields move."""
+    message_id = new_id()
+    ack = AckEvent(id=message_id, msg="hi", timestamp=datetime.now(UTC), client_id="c")
+    assert ack_message_id(dump_event(ack)) == message_id
+    other = ErrorEvent(code=ErrorCode.BAD_REQUEST, detail=f'"id":"{message_id}"')
+    assert ack_message_id(dump_event(other)) is None
 
 
 async def test_sockets_are_told_to_resync_after_redis_comes_back(tmp_path: Path) -> None:
@@ -116,7 +150,7 @@ def _ack(message_id: str) -> str:
 
 
 async def test_a_frame_put_after_an_ack_waits_for_it() -> None:
-    outbox = Subscription(100)
+    outbox = Outbox(100_000)
     first, second = new_id(), new_id()
     outbox.put_after_ack(second, "notice for second")
     outbox.put(_ack(first))
@@ -127,7 +161,7 @@ async def test_a_frame_put_after_an_ack_waits_for_it() -> None:
 
 
 async def test_a_frame_put_after_its_ack_went_out_is_sent_at_once() -> None:
-    outbox = Subscription(100)
+    outbox = Outbox(100_000)
     message_id = new_id()
     outbox.put(_ack(message_id))
     assert await outbox.get() == _ack(message_id)
@@ -136,15 +170,15 @@ async def test_a_frame_put_after_its_ack_went_out_is_sent_at_once() -> None:
 
 
 def test_an_idle_socket_has_no_ack_bookkeeping() -> None:
-    outbox = Subscription(100)
+    outbox = Outbox(100_000)
     outbox.put("token event")
     assert outbox._after_ack is None
     assert outbox._acked is None
 
 
 async def test_frames_waiting_for_lost_acks_are_bounded() -> None:
-    outbox = Subscription(100)
-    for _ in range(Subscription.MAX_HELD + 50):
+    outbox = Outbox(100_000)
+    for _ in range(Outbox.MAX_HELD + 50):
         outbox.put_after_ack(new_id(), "never")
     assert outbox._after_ack is not None
-    assert len(outbox._after_ack) == Subscription.MAX_HELD
+    assert len(outbox._after_ack) == Outbox.MAX_HELD

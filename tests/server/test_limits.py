@@ -292,7 +292,7 @@ async def test_the_server_renews_its_socket_leases(
             held: Any = await redis.zrange(key, 0, -1, withscores=True)
             [(member, before)] = held
             await redis.zadd(key, {member: before - 20_000})  # as if not renewed for 20 s
-            await stack.server.app.state.sockets.refresh()
+            await stack.server.app.state.services.sockets.refresh()
             renewed: Any = await redis.zrange(key, 0, -1, withscores=True)
         assert renewed[0][1] >= before
         # Closed: uncounted.

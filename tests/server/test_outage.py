@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from core.keys import Keys
 from launcher.redis_server import EmbeddedRedis, free_port
 from server.api.errors import REDIS_UNAVAILABLE
 from server.main import create_app
@@ -97,11 +97,12 @@ async def test_socket_handshake_answers_503_when_subscribing_fails(redis_url: st
         httpx.AsyncClient(base_url=served.url) as http,
     ):
         token = (await http.post("/token", params={"name": "Ann"})).json()["token"]
-        app.state.hub = _HubThatCannotSubscribe()
+        app.state.services = dataclasses.replace(app.state.services, hub=_HubThatCannotSubscribe())
         url = f"{served.url.replace('http', 'ws', 1)}/chat?token={token}"
         with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(url):
                 pass
-        left_open = await app.state.redis.zcard(Keys(app.state.settings.key_prefix).sockets(token))
+        services = app.state.services
+        left_open = await services.redis.zcard(services.keys.sockets(token))
     assert refused.value.response.status_code == 503
     assert left_open == 0  # the socket's slot was given back

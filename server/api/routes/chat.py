@@ -1,7 +1,9 @@
 """The chat socket: messages in, events out.
 
-Every frame the server sends goes through the socket's `Subscription` queue and one sender
-task, so frames from Redis and the server's own error replies never interleave mid-send.
+Every frame the server sends goes through the socket's `Outbox` and one sender task, so frames
+from Redis and the server's own error replies never interleave mid-send. The sender bounds
+each send by SOCKET_SEND_TIMEOUT_SECONDS: a client that stops reading is closed (1013), or
+dropped when even the close cannot be written, and its handler returns either way.
 """
 
 from __future__ import annotations
@@ -9,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketState
 
-from core.config import Settings
 from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
-from core.store import Queued, RateLimited, SessionStore
-from server.api.deps import HubDep, SettingsDep, SocketsDep, StoreDep
+from core.store import BacklogFull, Queued, RateLimited
+from server.api.deps import Services, ServicesDep
 from server.api.errors import REDIS_UNAVAILABLE, unavailable_response
+from server.api.guards import client_address, origin_allowed
 from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
-from server.guards import client_address, origin_allowed
-from server.hub import CloseSocket, EventHub, Subscription, SubscriptionOverflow
+from server.hub import CloseSocket, Outbox, OutboxOverflow
+from server.sockets import TooManySockets
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
@@ -30,41 +33,62 @@ SESSION_REFUSED = "Session not authenticated or expired token"
 BINARY_REFUSED = "Binary frames are not supported: send the message as a text frame"
 UNAVAILABLE = "The service is briefly unavailable; nothing was stored. Send it again."
 ORIGIN_REFUSED = "Origin not allowed"
-TOO_MANY_REASON = "Too many open connections for this session"
+TOO_SLOW = "Too slow; reconnect"
 QUEUED = (
     "No worker is running right now; your message is queued and will be answered when one starts."
 )
 _CLOSING = object()  # returned by the receiver when the server is closing the socket
 
 
+@dataclass(slots=True)
+class _Socket:
+    """One open chat socket and what its frame handlers need."""
+
+    websocket: WebSocket
+    token: str
+    address: str
+    services: Services
+    outbox: Outbox
+    receiver: asyncio.Task[None]  # the handler's task, which receives the client's frames
+    gave_up: bool = False  # set by the sender when it had to end the receiving (_give_up)
+
+    def reply_error(
+        self,
+        code: ErrorCode,
+        detail: str,
+        retry_after: int | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        """An error for this socket only (not the session's other sockets)."""
+        event = ErrorEvent(code=code, detail=detail, retry_after=retry_after, client_id=client_id)
+        self.outbox.put(dump_event(event))
+
+
 @router.websocket("/chat")
-async def chat(
-    websocket: WebSocket,
-    store: StoreDep,
-    hub: HubDep,
-    settings: SettingsDep,
-    sockets: SocketsDep,
-    token: str | None = None,
-) -> None:
+async def chat(websocket: WebSocket, services: ServicesDep, token: str | None = None) -> None:
     origin = websocket.headers.get("origin")
-    if not origin_allowed(origin, websocket.headers.get("host"), settings.socket_origins):
+    if not origin_allowed(origin, websocket.headers.get("host"), services.settings.socket_origins):
         logger.info("socket refused: origin %r is not allowed", origin)
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=ORIGIN_REFUSED)
         return
+    if token is None:
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
+        return
+    address = client_address(websocket)
     try:
-        if token is None or not await store.touch(token):
+        if not await services.store.touch(token):
             await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=SESSION_REFUSED)
             return
-        socket_id = await sockets.open(token)
+        socket_id = await services.sockets.open(token, address)
     except (RedisError, OSError) as exc:
         logger.warning("socket refused: Redis is unreachable (%s)", exc)
         await _refuse_while_unavailable(websocket)
         return
-    if socket_id is None:
-        await _refuse_one_too_many(websocket, token, sockets.max_per_session)
+    except TooManySockets as refused:
+        await _refuse_one_too_many(websocket, token, refused)
         return
     try:
-        await _serve(websocket, token, store, hub, settings)
+        await _serve(websocket, token, address, services)
     except (RedisError, OSError, TimeoutError) as exc:
         if websocket.client_state is not WebSocketState.CONNECTING:
             raise
@@ -72,7 +96,7 @@ async def chat(
         logger.warning("socket refused: could not subscribe to its events (%s)", exc)
         await _refuse_while_unavailable(websocket)
     finally:
-        await sockets.close(socket_id)
+        await services.sockets.close(socket_id)
 
 
 async def _refuse_while_unavailable(websocket: WebSocket) -> None:
@@ -87,132 +111,191 @@ async def _refuse_while_unavailable(websocket: WebSocket) -> None:
         await websocket.close(code=status.WS_1011_INTERNAL_ERROR, reason=REDIS_UNAVAILABLE)
 
 
-async def _refuse_one_too_many(websocket: WebSocket, token: str, limit: int) -> None:
+async def _refuse_one_too_many(websocket: WebSocket, token: str, refused: TooManySockets) -> None:
     """Accepted so that the client can read why, then closed with 1008."""
-    logger.info("socket refused: session %s has %d open already", short(token), limit)
+    logger.info("socket refused for session %s: %s", short(token), refused.reason)
     await websocket.accept()
-    detail = f"This session already has {limit} open connections; close one and reconnect"
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         await websocket.send_text(
-            dump_event(ErrorEvent(code=ErrorCode.TOO_MANY_CONNECTIONS, detail=detail))
+            dump_event(ErrorEvent(code=ErrorCode.TOO_MANY_CONNECTIONS, detail=refused.detail))
         )
-        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=TOO_MANY_REASON)
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason=refused.reason)
 
 
-async def _serve(
-    websocket: WebSocket, token: str, store: SessionStore, hub: EventHub, settings: Settings
-) -> None:
+async def _serve(websocket: WebSocket, token: str, address: str, services: Services) -> None:
     # Subscribed before the handshake completes: a client whose socket is open receives every
     # event of its session from then on (a second tab included).
-    async with hub.subscribe(token) as outbox:
+    async with services.hub.subscribe(token) as outbox:
         await websocket.accept()
         logger.info("socket opened for session %s", short(token))
+        receiver = asyncio.current_task()
+        assert receiver is not None
+        socket = _Socket(websocket, token, address, services, outbox, receiver)
         # The sender is a task; this handler's own task receives. (One task fewer per socket
         # than a task for each: about 1 KiB of an idle socket's cost, docs/benchmarks.md.)
-        # If the sender closes the socket first (a resync, a slow client), the client's close
-        # reply ends the receiving too.
-        sender = asyncio.create_task(_send_events(websocket, outbox))
+        # If the sender closes the socket first (a resync, a slow client), the close, or the
+        # connection's end, ends the receiving too.
+        sender = asyncio.create_task(_send_events(socket))
+        received: object = None
         try:
-            received: object = await _receive_frames(
-                websocket,
-                token,
-                store,
-                outbox,
-                settings.max_message_chars,
-                client_address(websocket),
-            )
-        except (WebSocketDisconnect, RuntimeError):  # the connection was already gone
-            received = None
-        try:
+            received = await _receive_frames(socket)
             if received is _CLOSING:
                 # The server is closing: let the sender deliver what is queued, then the close.
-                await asyncio.wait({sender}, timeout=5)
+                timeout = services.settings.socket_send_timeout_seconds
+                await asyncio.wait({sender}, timeout=3 * timeout)
+        except (WebSocketDisconnect, RuntimeError):  # the connection was already gone
+            pass
+        except asyncio.CancelledError:
+            if not socket.gave_up:
+                raise
+            receiver.uncancel()  # the sender's doing (see _give_up): this socket is done
         finally:
-            sender.cancel()
+            if not sender.done():
+                sender.cancel()
+                if received is _CLOSING:
+                    _abort(websocket)  # the close never went out
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                 await sender
     logger.info("socket closed for session %s", short(token))
 
 
-async def _send_events(websocket: WebSocket, outbox: Subscription) -> None:
+async def _send_events(socket: _Socket) -> None:
+    """Send the outbox's frames in order until a close; each send may take
+    SOCKET_SEND_TIMEOUT_SECONDS."""
+    send_timeout = socket.services.settings.socket_send_timeout_seconds
     try:
         while True:
-            frame = await outbox.get()
+            frame = await socket.outbox.get()
             if isinstance(frame, CloseSocket):
-                await websocket.close(code=frame.code, reason=frame.reason)
+                await _close(socket, frame.code, frame.reason)
                 return
-            await websocket.send_text(frame)
-    except SubscriptionOverflow:
-        logger.warning("socket too slow for its events; closing it (the client resyncs)")
-        await websocket.close(code=status.WS_1013_TRY_AGAIN_LATER, reason="Too slow; reconnect")
+            async with asyncio.timeout(send_timeout):
+                await socket.websocket.send_text(frame)
+    except OutboxOverflow:
+        logger.warning("socket's outbox is full (it reads too slowly); closing it to resync")
+        await _close(socket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW)
+    except TimeoutError:
+        logger.warning("socket took a frame for over %g s; closing it to resync", send_timeout)
+        await _close(socket, status.WS_1013_TRY_AGAIN_LATER, TOO_SLOW)
 
 
-async def _receive_frames(
-    websocket: WebSocket,
-    token: str,
-    store: SessionStore,
-    outbox: Subscription,
-    max_chars: int,
-    address: str,
-) -> object:
+async def _close(socket: _Socket, code: int, reason: str) -> None:
+    """Close with `code`; when even the close frame cannot be written in time (the client
+    reads nothing and every buffer is full), drop the connection."""
+    try:
+        async with asyncio.timeout(socket.services.settings.socket_send_timeout_seconds):
+            await socket.websocket.close(code=code, reason=reason)
+    except TimeoutError:
+        logger.warning("socket could not take its close frame either; aborting the connection")
+        if not _abort(socket.websocket):
+            _give_up(socket)
+
+
+def _give_up(socket: _Socket) -> None:
+    """End the handler of a socket whose connection cannot be dropped: its receive would wait
+    for a client that sends nothing, as no disconnect can come now. Cancelling the receiving
+    task costs nothing per socket, unlike a timeout scope around every receive."""
+    socket.gave_up = True
+    socket.receiver.cancel()
+
+
+def _abort(websocket: WebSocket) -> bool:
+    """Drop the TCP connection now, unsent data and all; False when it cannot be reached.
+
+    ASGI has no abort, and uvicorn 0.54's websockets-sansio implementation (the one "auto"
+    picks here; wsproto's is alike) never drops a connection with unsent data: its send waits
+    for the write buffer to drain before anything, a close included, and its own closes (after
+    the close handshake's timeout, or on a ping timeout) are a graceful `transport.close()`
+    that waits for the same buffer, which a client that reads nothing never drains. So this
+    reaches the uvicorn protocol whose bound method is the socket's `receive` and aborts its
+    transport; uvicorn then sees the connection lost and ends the receive. A middleware that
+    wraps `receive` hides it: then the handler still returns (`_give_up`), but the connection
+    lingers until the client goes."""
+    protocol = getattr(websocket._receive, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+        return True
+    logger.warning("cannot abort this server's connection: it is left to the client")
+    return False
+
+
+async def _receive_frames(socket: _Socket) -> object:
     """Handle the client's frames until it disconnects (None) or the server closes (_CLOSING)."""
-
-    def reply_error(
-        code: ErrorCode,
-        detail: str,
-        retry_after: int | None = None,
-        client_id: str | None = None,
-    ) -> None:
-        event = ErrorEvent(code=code, detail=detail, retry_after=retry_after, client_id=client_id)
-        outbox.put(dump_event(event))
-
     while True:
-        frame = await websocket.receive()
+        frame = await socket.websocket.receive()
         if frame["type"] == "websocket.disconnect":
             return None
         text = frame.get("text")
         if text is None:
-            reply_error(ErrorCode.BAD_REQUEST, BINARY_REFUSED)
-            continue
-        match parse_frame(text, max_chars):
-            case FrameError(code, detail, client_id):
-                reply_error(code, detail, client_id=client_id)
-            case StopGeneration():
-                try:
-                    await store.request_stop(token)
-                except RedisError:
-                    logger.exception("could not pass on a stop for session %s", short(token))
-                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
-            case ChatMessage(message_text, client_id):
-                try:
-                    stored = await store.queue_message(
-                        token, message_text, client_id, address=address
-                    )
-                except RedisError:
-                    logger.exception("could not queue a message for session %s", short(token))
-                    reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE, client_id=client_id)
-                    continue
-                match stored:
-                    case None:
-                        reply_error(
-                            ErrorCode.SESSION_EXPIRED,
-                            "Session expired or does not exist",
-                            client_id=client_id,
-                        )
-                        outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
-                        return _CLOSING
-                    case RateLimited(wait):
-                        reply_error(
-                            ErrorCode.RATE_LIMITED,
-                            f"Too many messages: wait {wait} s and send it again",
-                            retry_after=wait,
-                            client_id=client_id,
-                        )
-                    case Queued(message, workers_alive) if not workers_alive:
-                        # Only to this socket, after the message's ack.
-                        notice = NoticeEvent(
-                            code=NoticeCode.QUEUED, reply_to=message.id, detail=QUEUED
-                        )
-                        outbox.put_after_ack(message.id, dump_event(notice))
-                # The ack reaches every socket of the session through Pub/Sub, in order with
-                # the reply events that follow it.
+            socket.reply_error(ErrorCode.BAD_REQUEST, BINARY_REFUSED)
+        elif await _handle_frame(socket, text) is _CLOSING:
+            return _CLOSING
+
+
+async def _handle_frame(socket: _Socket, text: str) -> object:
+    settings = socket.services.settings
+    match parse_frame(text, settings.max_message_chars, settings.max_message_bytes):
+        case FrameError(code, detail, client_id):
+            socket.reply_error(code, detail, client_id=client_id)
+        case StopGeneration():
+            await _request_stop(socket)
+        case ChatMessage(message_text, client_id):
+            return await _store_message(socket, message_text, client_id)
+    return None
+
+
+async def _request_stop(socket: _Socket) -> None:
+    """Pass a stop on to the workers, within the session's stop rate limit."""
+    settings, store = socket.services.settings, socket.services.store
+    try:
+        wait = await store.check_rate(
+            "stop-session",
+            socket.token,
+            settings.rate_limit_stop_requests,
+            settings.rate_limit_window_seconds,
+        )
+        if wait:
+            detail = f"Too many stop requests: wait {wait} s and send it again"
+            socket.reply_error(ErrorCode.RATE_LIMITED, detail, retry_after=wait)
+            return
+        await store.request_stop(socket.token)
+    except RedisError:
+        logger.exception("could not pass on a stop for session %s", short(socket.token))
+        socket.reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
+
+
+async def _store_message(socket: _Socket, text: str, client_id: str | None) -> object:
+    """Store, queue and acknowledge a chat message (one step in Redis), or say why not."""
+    try:
+        stored = await socket.services.store.queue_message(
+            socket.token, text, client_id, address=socket.address
+        )
+    except RedisError:
+        logger.exception("could not queue a message for session %s", short(socket.token))
+        socket.reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE, client_id=client_id)
+        return None
+    # The ack reaches every socket of the session through Pub/Sub, in order with the reply
+    # events that follow it; only refusals and the notice are this socket's own.
+    match stored:
+        case None:
+            socket.reply_error(
+                ErrorCode.SESSION_EXPIRED, "Session expired or does not exist", client_id=client_id
+            )
+            socket.outbox.put(CloseSocket(status.WS_1008_POLICY_VIOLATION, SESSION_REFUSED))
+            return _CLOSING
+        case RateLimited(wait):
+            detail = f"Too many messages: wait {wait} s and send it again"
+            socket.reply_error(
+                ErrorCode.RATE_LIMITED, detail, retry_after=wait, client_id=client_id
+            )
+        case BacklogFull(limit):
+            detail = (
+                f"This session already has {limit} messages waiting for a reply; wait for an "
+                "answer and send it again"
+            )
+            socket.reply_error(ErrorCode.BACKLOG_FULL, detail, client_id=client_id)
+        case Queued(message, workers_alive) if not workers_alive:
+            notice = NoticeEvent(code=NoticeCode.QUEUED, reply_to=message.id, detail=QUEUED)
+            socket.outbox.put_after_ack(message.id, dump_event(notice))
+    return None

@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from core.keys import Keys
 from core.redis import readiness_problem
-from server.api.deps import HubDep, RedisDep, SettingsDep
+from server.api.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -24,15 +23,15 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis is not usable; the reason"}})
-async def readyz(redis: RedisDep, hub: HubDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(services: ServicesDep) -> JSONResponse:
     """200 when Redis answers, JSON and Streams work and events reach the sockets; else 503
     with the reason."""
-    if not hub.running:
+    if not services.hub.running:
         return JSONResponse(
             {"status": "unavailable", "detail": "event fan-out stopped (see the log)"},
             status_code=503,
         )
-    problem = await readiness_problem(redis, Keys(settings.key_prefix))
+    problem = await readiness_problem(services.redis, services.keys)
     if problem is not None:
         return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
     return JSONResponse({"status": "ready"})

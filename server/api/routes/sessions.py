@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 
 from core.models import Session, short
-from server.api.deps import SettingsDep, StoreDep
-from server.guards import http_rate_limit
+from server.api.deps import ServicesDep
+from server.api.guards import http_rate_limit
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["sessions"])
 
 SESSION_MISSING = "Session expired or does not exist"
+LIMIT_HELP = "only the newest N messages (default: all of them, as the tutorial's clients expect)"
 RATE_LIMITED = {
     "description": "Too many requests from this address; the Retry-After header says when to "
     "try again"
@@ -53,13 +55,13 @@ def name_problem(name: str, max_chars: int) -> str | None:
         Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
     ],
 )
-async def token_generator(name: str, store: StoreDep, settings: SettingsDep) -> Session:
+async def token_generator(name: str, services: ServicesDep) -> Session:
     """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL."""
     name = name.strip()
-    problem = name_problem(name, settings.max_name_chars)
+    problem = name_problem(name, services.settings.max_name_chars)
     if problem is not None:
         raise HTTPException(400, detail={"loc": "name", "msg": problem})
-    session = await store.create(name)
+    session = await services.store.create(name)
     logger.info("session %s started", short(session.token))
     return session
 
@@ -74,9 +76,17 @@ async def token_generator(name: str, store: StoreDep, settings: SettingsDep) -> 
         )
     ],
 )
-async def refresh_token(token: str, store: StoreDep) -> Session:
-    """The whole session with its history, oldest first; renews the session's TTL."""
-    session = await store.get(token)
+async def refresh_token(
+    token: str,
+    services: ServicesDep,
+    limit: Annotated[int | None, Query(ge=1, description=LIMIT_HELP)] = None,
+) -> Session:
+    """The whole session with its history, oldest first (or only its newest `limit`
+    messages); renews the session's TTL. Large answers are gzipped for clients that accept it
+    (docs/protocol.md has the worst case)."""
+    session = await services.store.get(token)
     if session is None:
         raise HTTPException(400, detail=SESSION_MISSING)
+    if limit is not None and len(session.messages) > limit:
+        session.messages = session.messages[-limit:]
     return session

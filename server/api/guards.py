@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -9,13 +10,30 @@ from fastapi import HTTPException, Request
 from starlette.requests import HTTPConnection
 
 from core.config import Settings
-from server.api.deps import SettingsDep, StoreDep
+from server.api.deps import ServicesDep
 
 
 def client_address(conn: HTTPConnection) -> str:
-    """The peer's address; with FORWARDED_ALLOW_IPS, the X-Forwarded-For address set by a
-    trusted proxy (uvicorn's ProxyHeadersMiddleware, installed by create_app, rewrites it)."""
-    return conn.client.host if conn.client is not None else "unknown"
+    """Whom the per-address limits count: the peer's address, or with FORWARDED_ALLOW_IPS the
+    X-Forwarded-For address set by a trusted proxy (uvicorn's ProxyHeadersMiddleware, installed
+    by create_app, rewrites it); an IPv6 client by its /64 (`address_group`)."""
+    return address_group(conn.client.host if conn.client is not None else "unknown")
+
+
+def address_group(host: str) -> str:
+    """An IPv4 address as is; an IPv6 address as its /64 network, since one subscriber
+    usually gets a whole /64 and could take a fresh address for every request; an
+    IPv4-mapped IPv6 address as the IPv4 address. Anything else (a Unix socket, a test
+    client's name) as is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address.packed, 64), strict=False))
 
 
 def too_many_requests(wait: int) -> HTTPException:
@@ -27,8 +45,9 @@ def too_many_requests(wait: int) -> HTTPException:
 def http_rate_limit(kind: str, limit: Callable[[Settings], int]) -> Callable[..., Awaitable[None]]:
     """A dependency counting one request of `kind` per client address: 429 over the limit."""
 
-    async def check(request: Request, store: StoreDep, settings: SettingsDep) -> None:
-        wait = await store.check_rate(
+    async def check(request: Request, services: ServicesDep) -> None:
+        settings = services.settings
+        wait = await services.store.check_rate(
             kind,
             client_address(request),
             limit(settings),
