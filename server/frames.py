@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from core.models import ErrorCode
 
 _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
-# Control characters (C0, DEL, C1) but newline and tab: they render as nothing or garble
-# terminals and logs, and no keyboard types them.
+# Control characters (C0, DEL, C1) but newline and tab (a carriage return was made a newline
+# before this is checked): they render as nothing or garble terminals and logs, and no
+# keyboard types them.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 KNOWN_COMMANDS = ("message", "stop")
 
@@ -122,7 +123,8 @@ def _json_kind(value: object) -> str:
 
 
 def _chat_message(text: str, max_chars: int, max_bytes: int, client_id: str | None = None) -> Frame:
-    text = text.strip()
+    # CRLF (Windows clients) and a lone CR are line ends: stored as newlines, never refused.
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text:
         return FrameError(ErrorCode.BAD_REQUEST, "Message is empty", client_id)
     if len(text) > max_chars:

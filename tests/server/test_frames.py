@@ -140,7 +140,7 @@ def test_the_byte_limit_counts_utf8() -> None:
 
 @pytest.mark.parametrize(
     ("text", "named"),
-    [("a\x00b", "U+0000"), ("bell\x07", "U+0007"), ("a\rb", "U+000D"), ("x\x85y", "U+0085")],
+    [("a\x00b", "U+0000"), ("bell\x07", "U+0007"), ("a\x1bb", "U+001B"), ("x\x85y", "U+0085")],
 )
 def test_control_characters_are_refused_and_named(text: str, named: str) -> None:
     refused = rejected(text)
@@ -150,6 +150,14 @@ def test_control_characters_are_refused_and_named(text: str, named: str) -> None
 
 def test_newline_and_tab_are_kept() -> None:
     assert parse_frame("one\ttwo\nthree", LIMIT, BYTES) == ChatMessage("one\ttwo\nthree")
+
+
+def test_windows_and_old_mac_line_ends_become_newlines() -> None:
+    """A client on Windows (Postman there, a textarea's form value) sends CRLF: it is a line
+    end, not a control character to refuse."""
+    assert parse_frame("one\r\ntwo\rthree", LIMIT, BYTES) == ChatMessage("one\ntwo\nthree")
+    command = '{"type": "message", "msg": "a\\r\\nb"}'
+    assert parse_frame(command, LIMIT, BYTES) == ChatMessage("a\nb")
 
 
 def test_a_huge_frame_is_too_large_without_being_parsed() -> None:
