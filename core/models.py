@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,7 +105,10 @@ class AckEvent(BaseModel):
     client_id: str | None = None
 
 
-class TokenEvent(BaseModel):
+class DeltaEvent(BaseModel):
+    """A piece of a reply being generated. Its wire type is "token" (the protocol's word for a
+    piece of model output); in the code "token" is the session credential."""
+
     type: Literal["token"] = "token"
     id: str
     reply_to: str
@@ -142,12 +145,7 @@ class NoticeEvent(BaseModel):
     detail: str
 
 
-Event = Annotated[
-    AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent, Field(discriminator="type")
-]
-
-
-def dump_event(event: AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
+def dump_event(event: AckEvent | DeltaEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
     return event.model_dump_json(exclude_none=True)
 
 

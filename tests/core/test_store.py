@@ -84,7 +84,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
     session = await store.create("Ann")
     human = await sessions.add_human_message(store, session.token, "q")
     assert human is not None
-    await redis.set(store.keys.lock(session.token), "me")
+    await redis.set(store.keys.lease(session.token), "me")
 
     def reply() -> tuple[Message, MessageEvent]:
         message = Message(source=Source.BOT, msg="a", reply_to=human.id)
@@ -93,7 +93,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
 
     attempts = store.keys.attempts(human.id)
     await redis.set(attempts, 1)
-    assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LOCK_LOST
+    assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LEASE_LOST
     assert await redis.exists(attempts) == 1  # not answered: the attempt count stays
     assert await store.add_reply(session.token, *reply(), "me") is ReplyOutcome.STORED
     assert await redis.exists(attempts) == 0  # answered: the count goes with it
@@ -124,7 +124,7 @@ async def test_stop_request_is_remembered_and_broadcast(store: SessionStore, red
 
 
 async def _answer(store: SessionStore, redis: Redis, token: str, human: Message) -> Message:
-    await redis.set(store.keys.lock(token), "me")
+    await redis.set(store.keys.lease(token), "me")
     reply = Message(source=Source.BOT, msg=f"re {human.msg}", reply_to=human.id)
     event = MessageEvent(id=reply.id, reply_to=human.id, msg=reply.msg, timestamp=reply.timestamp)
     assert await store.add_reply(token, reply, event, "me") is ReplyOutcome.STORED
@@ -209,7 +209,10 @@ async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -
 
 async def test_rate_limit_zero_means_none(redis_url: str, redis: Redis) -> None:
     settings = make_settings(
-        redis_url, rate_limit_session_messages=0, rate_limit_address_messages=0
+        redis_url,
+        rate_limit_session_messages=0,
+        rate_limit_address_messages=0,
+        max_unanswered_messages=0,
     )
     store = SessionStore(redis, settings)
     session = await store.create("Ann")

@@ -15,10 +15,10 @@ from core.redis import ensure_group
 from core.store import SessionStore
 from launcher.redis_server import free_port
 from tests.conftest import make_settings
+from tests.support import sessions
 from tests.support.model_servers import Hang, HttpError, ModelServer
 from tests.support.stack import running_stack
 from worker.worker import Worker, WorkerFailed
-from tests.support import sessions
 
 
 @asynccontextmanager
@@ -28,7 +28,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
-        worker.request_stop()
+        worker.request_shutdown()
         await task
 
 
@@ -54,7 +54,7 @@ async def strand_with_dead_worker(
     """Make the queued entries look taken by a worker that then died holding the session."""
     await ensure_group(redis, store.keys)
     await redis.xreadgroup(store.keys.group, "dead-worker", {store.keys.requests: ">"})
-    await redis.set(store.keys.lock(token), "dead-worker:lease", px=lease_ms)
+    await redis.set(store.keys.lease(token), "dead-worker:lease", px=lease_ms)
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ async def test_stop_lets_a_generation_in_progress_finish(
         await sessions.add_human_message(worker_store, session.token, "one two three four five")
         while not model_server.requests:
             await asyncio.sleep(0.01)
-        worker.request_stop()
+        worker.request_shutdown()
     messages = await sessions.messages(worker_store, session.token)
     assert messages is not None and messages[-1].msg == "echo: one two three four five"
 
@@ -253,8 +253,7 @@ async def test_consumers_of_dead_workers_are_forgotten(
     await asyncio.sleep(0.05)
     settings = worker_settings.model_copy(update={"worker_lease_seconds": 0.003})
     worker = Worker(settings)
-    worker._redis = redis
-    await worker._forget_dead_consumers()
+    await worker._forget_dead_consumers(redis)
     names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, keys.group)]
     assert "long-gone" not in names
 
@@ -264,7 +263,7 @@ async def test_a_failed_loop_stops_the_worker_instead_of_leaving_it_half_alive(
 ) -> None:
     worker = Worker(worker_settings)
 
-    async def broken_read() -> None:
+    async def broken_read(*_: Any) -> None:
         raise ValueError("bug in the read loop")
 
     monkeypatch.setattr(worker, "_read_once", broken_read)
