@@ -63,15 +63,22 @@ class ReplyError(BaseModel):
     detail: str
 
 
+def _now() -> datetime:
+    # Looked up at each call, so a test can skew this process's clock by patching `utcnow`.
+    return utcnow()
+
+
 class Message(BaseModel):
-    """One message in a session document."""
+    """One message in a session document. A human message's timestamp is Redis's time
+    (add_human_message.lua stamps it), so it compares with stop times whatever the servers'
+    clocks say."""
 
     model_config = ConfigDict(extra="ignore")
 
     id: str = Field(default_factory=new_id)
     source: Source
     msg: str
-    timestamp: datetime = Field(default_factory=utcnow)
+    timestamp: datetime = Field(default_factory=_now)
     reply_to: str | None = None
     # A bot reply cut short by a stop request keeps its partial text and says so.
     stopped: bool | None = None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+import core.models
+import core.store
 from core.config import Settings
 from core.models import Message, MessageEvent, Source, new_id
-from core.store import Queued, RateLimited, ReplyOutcome, SessionStore
+from core.store import BacklogFull, Queued, RateLimited, ReplyOutcome, SessionStore
 from tests.conftest import make_settings
 from tests.support import sessions
 
@@ -242,3 +246,51 @@ async def test_queued_reports_whether_a_worker_is_alive(
     await redis.zadd(store.keys.workers_alive, {"live-worker": int(time.time() * 1000)})
     alive = await store.queue_message(session.token, "now?")
     assert isinstance(alive, Queued) and alive.workers_alive is True
+
+
+# --- Backlog cap, stream length, Redis's clock --------------------------------------------------
+
+
+async def test_backlog_cap_refuses_and_writes_nothing(redis_url: str, redis: Redis) -> None:
+    settings = make_settings(redis_url, max_unanswered_messages=3)
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    queued = [await store.queue_message(session.token, f"q{n}") for n in range(3)]
+    assert all(isinstance(q, Queued) for q in queued)
+    assert await store.queue_message(session.token, "one too many") == BacklogFull(3)
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["q0", "q1", "q2"]
+    assert await redis.xlen(store.keys.requests) == 3
+    # An answer makes room for exactly one more.
+    first = queued[0]
+    assert isinstance(first, Queued)
+    await _answer(store, redis, session.token, first.message)
+    assert isinstance(await store.queue_message(session.token, "q3"), Queued)
+    assert await store.queue_message(session.token, "q4") == BacklogFull(3)
+
+
+async def test_the_request_stream_is_never_trimmed(redis_url: str, redis: Redis) -> None:
+    """More entries than the old STREAM_MAXLEN (its minimum, 1000): none trimmed away unread."""
+    store = SessionStore(redis, make_settings(redis_url, stream_maxlen=1000))
+    session = await store.create("Ann")
+    for n in range(1500):
+        await sessions.add_human_message(store, session.token, f"m{n}")
+    assert await redis.xlen(store.keys.requests) == 1500
+
+
+async def test_a_skewed_server_clock_does_not_stamp_messages_or_stops(
+    store: SessionStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skewed = datetime.now(UTC) - timedelta(hours=1)
+    monkeypatch.setattr(core.models, "utcnow", lambda: skewed)
+    monkeypatch.setattr(core.store, "utcnow", lambda: skewed, raising=False)
+    session = await store.create("Ann")
+    queued = await store.queue_message(session.token, "what time is it?")
+    await store.request_stop(session.token)
+    seconds, micros = await redis.time()
+    redis_now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+    assert isinstance(queued, Queued)
+    stored, stopped_at = await store.messages_and_stop(session.token)
+    assert stored is not None and stopped_at is not None
+    for stamp in (queued.message.timestamp, stored[0].timestamp, stopped_at):
+        assert abs((stamp - redis_now).total_seconds()) < 60
