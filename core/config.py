@@ -52,7 +52,12 @@ class Settings(BaseSettings):
     )
     redis_server_bin: Path | None = None
     redisjson_module: Path | None = None
-    stream_maxlen: int = Field(default=100_000, ge=1000)
+    stream_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        description="unused (kept so old .env files still load): the request stream is not "
+        "trimmed, answered entries are deleted",
+    )
 
     # --- Sessions and messages ---------------------------------------------------------------
     session_ttl_seconds: int = Field(default=3600, ge=1)
