@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # --- Worker ------------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1, description="generations in flight per worker")
     worker_lease_seconds: float = Field(
-        default=15.0, gt=0.2, description="session lock lease and idle time before reclaiming"
+        default=15.0, gt=0.2, description="session lease and idle time before reclaiming"
     )
     worker_block_ms: int = Field(default=1000, ge=10)
     worker_shutdown_grace_seconds: float = Field(default=10.0, ge=0)

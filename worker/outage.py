@@ -3,7 +3,9 @@
 Redis answers some commands with an error that says "not now", not "never": OOM (maxmemory
 reached with noeviction), READONLY (a replica, e.g. the old primary after a failover),
 MISCONF (a failed save with stop-writes-on-bgsave-error), BUSY (a long script), LOADING (a
-restart loading its data), and in a cluster TRYAGAIN / CLUSTERDOWN / MASTERDOWN. A worker
+restart loading its data), UNBLOCKED (a blocked XREADGROUP cut off when its primary turned
+replica: found by the failover run of tests/system/test_hostile_worker.py), and in a cluster
+TRYAGAIN / CLUSTERDOWN / MASTERDOWN. A worker
 retries those with backoff like a lost connection, and logs one line when an episode starts
 and one when it ends, not one per attempt.
 """
@@ -29,6 +31,7 @@ TRANSIENT_CODES = (
     "MISCONF",
     "BUSY",
     "LOADING",
+    "UNBLOCKED",
     "MASTERDOWN",
     "TRYAGAIN",
     "CLUSTERDOWN",
