@@ -35,8 +35,8 @@ from bench.support import (
 )
 from core.config import Settings
 from core.models import Message, Source
-from core.prompt import chat_turns
 from worker.backends.local import default_model_path
+from worker.prompt import chat_turns
 
 PROMPT = "Write a short story about a lighthouse keeper and a cat."
 

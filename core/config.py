@@ -52,7 +52,12 @@ class Settings(BaseSettings):
     )
     redis_server_bin: Path | None = None
     redisjson_module: Path | None = None
-    stream_maxlen: int = Field(default=100_000, ge=1000)
+    stream_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        description="unused (kept so old .env files still load): the request stream is not "
+        "trimmed, answered entries are deleted",
+    )
 
     # --- Sessions and messages ---------------------------------------------------------------
     session_ttl_seconds: int = Field(default=3600, ge=1)
@@ -78,7 +83,7 @@ class Settings(BaseSettings):
     # --- Worker ------------------------------------------------------------------------------
     worker_concurrency: int = Field(default=8, ge=1, description="generations in flight per worker")
     worker_lease_seconds: float = Field(
-        default=15.0, gt=0.2, description="session lock lease and idle time before reclaiming"
+        default=15.0, gt=0.2, description="session lease and idle time before reclaiming"
     )
     worker_block_ms: int = Field(default=1000, ge=10)
     worker_shutdown_grace_seconds: float = Field(default=10.0, ge=0)

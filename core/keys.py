@@ -14,7 +14,8 @@ class Keys:
 
     @property
     def requests(self) -> str:
-        """The stream of human messages waiting for a reply."""
+        """The stream of human messages waiting for a reply: each entry is deleted once
+        answered (XACK + XDEL), so it holds only work not done yet."""
         return f"{self.prefix}:requests"
 
     @property
@@ -24,7 +25,7 @@ class Keys:
 
     @property
     def control(self) -> str:
-        """Pub/Sub channel from servers to workers (stop requests)."""
+        """Pub/Sub channel from servers to workers (requests to stop a reply)."""
         return f"{self.prefix}:control"
 
     @property
@@ -45,8 +46,10 @@ class Keys:
         """Pub/Sub channel carrying a session's events to the servers holding its sockets."""
         return f"{self.prefix}:events:{token}"
 
-    def lock(self, token: str) -> str:
-        """Lease held by the worker generating for a session (per-session order)."""
+    def lease(self, token: str) -> str:
+        """Lease held by the worker generating for a session (per-session order). Written by
+        worker/leases.py; add_reply.lua reads it as a fence. (The key text keeps its old word,
+        `lock`, so a rolling upgrade sees the leases of the workers it replaces.)"""
         return f"{self.prefix}:lock:{token}"
 
     def attempts(self, message_id: str) -> str:
@@ -55,7 +58,7 @@ class Keys:
         return f"{self.prefix}:attempts:{message_id}"
 
     def stop(self, token: str) -> str:
-        """Time (epoch microseconds) of the session's latest stop request."""
+        """Time (epoch microseconds, Redis's clock) of the session's latest stop request."""
         return f"{self.prefix}:stop:{token}"
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,15 +63,22 @@ class ReplyError(BaseModel):
     detail: str
 
 
+def _now() -> datetime:
+    # Looked up at each call, so a test can skew this process's clock by patching `utcnow`.
+    return utcnow()
+
+
 class Message(BaseModel):
-    """One message in a session document."""
+    """One message in a session document. A human message's timestamp is Redis's time
+    (add_human_message.lua stamps it), so it compares with stop times whatever the servers'
+    clocks say."""
 
     model_config = ConfigDict(extra="ignore")
 
     id: str = Field(default_factory=new_id)
     source: Source
     msg: str
-    timestamp: datetime = Field(default_factory=utcnow)
+    timestamp: datetime = Field(default_factory=_now)
     reply_to: str | None = None
     # A bot reply cut short by a stop request keeps its partial text and says so.
     stopped: bool | None = None
@@ -118,7 +125,10 @@ def ack_message_id(frame: str) -> str | None:
     return frame[len(ACK_PREFIX) : len(ACK_PREFIX) + 36]
 
 
-class TokenEvent(BaseModel):
+class DeltaEvent(BaseModel):
+    """A piece of a reply being generated. Its wire type is "token" (the protocol's word for a
+    piece of model output); in the code "token" is the session credential."""
+
     type: Literal["token"] = "token"
     id: str
     reply_to: str
@@ -155,12 +165,7 @@ class NoticeEvent(BaseModel):
     detail: str
 
 
-Event = Annotated[
-    AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent, Field(discriminator="type")
-]
-
-
-def dump_event(event: AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
+def dump_event(event: AckEvent | DeltaEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
     return event.model_dump_json(exclude_none=True)
 
 

@@ -16,17 +16,18 @@ from typing import Any
 
 from pydantic import TypeAdapter
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.config import Settings
 from core.keys import Keys
 from core.models import (
     AckEvent,
+    DeltaEvent,
     ErrorEvent,
     Message,
     MessageEvent,
     Session,
     Source,
-    TokenEvent,
     dump_event,
     is_uuid4,
     new_id,
@@ -36,17 +37,29 @@ from core.redis import load_script
 
 logger = logging.getLogger(__name__)
 
-# JSON.GET with a JSONPath answers a list of matches: here, one list of messages. Validated
-# straight from the JSON text by pydantic-core (about twice as fast as json.loads followed by
-# one model_validate per message, and the worker does this for every message it answers).
+# JSON.GET with a JSONPath answers a list of matches: `$.messages` one list of messages,
+# `$.messages[-N:]` the messages themselves. Validated straight from the JSON text by
+# pydantic-core (about twice as fast as json.loads followed by one model_validate per message,
+# and the worker does this for every message it answers).
 _MESSAGE_MATCHES: TypeAdapter[list[list[Message]]] = TypeAdapter(list[list[Message]])
+_MESSAGE_SLICE: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 
 
 class ReplyOutcome(Enum):
     STORED = 1
     ALREADY_ANSWERED = 0
-    LOCK_LOST = -1
+    LEASE_LOST = -1
     SESSION_GONE = -2
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """The newest messages of a session and its latest stop time (on Redis's clock)."""
+
+    messages: list[Message]
+    stopped_at: datetime | None
+    # True when `messages` is the whole history (it had no more than were asked for).
+    complete: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,22 +90,34 @@ def retry_after_seconds(wait_ms: int) -> int:
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    """Owns every key it writes: session documents, the request stream's entries, rate-limit
+    state, stop times and generation-attempt counters (the leases are worker/leases.py's)."""
+
+    def __init__(self, redis: Redis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = redis
-        self.keys = Keys(settings.key_prefix)
+        self.keys = keys or Keys(settings.key_prefix)
         self._settings = settings
         self._ttl = settings.session_ttl_seconds
-        self._maxlen = settings.stream_maxlen
         self._history_cap = settings.max_history_messages
         self._add_human = redis.register_script(
             load_script(
-                "lib_clock.lua", "lib_gcra.lua", "lib_history_cap.lua", "add_human_message.lua"
+                "lib_clock.lua",
+                "lib_gcra.lua",
+                "lib_history_cap.lua",
+                "lib_unanswered.lua",
+                "add_human_message.lua",
             )
         )
-        self._add_reply = redis.register_script(load_script("lib_history_cap.lua", "add_reply.lua"))
+        self._add_reply = redis.register_script(
+            load_script("lib_history_cap.lua", "lib_unanswered.lua", "add_reply.lua")
+        )
         self._rate_limit = redis.register_script(
             load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
         )
+        self._request_stop = redis.register_script(load_script("lib_clock.lua", "request_stop.lua"))
+        # Attempt counts this process could not take back while Redis refused writes: taken
+        # back with the next attempt it counts for the same message.
+        self._owed_attempts: dict[str, int] = {}
 
     # --- Sessions ----------------------------------------------------------------------------
 
@@ -130,6 +155,19 @@ class SessionStore:
             raw, stopped = await pipe.execute()
         return _parse_messages(raw), _stop_time(stopped)
 
+    async def recent_messages(self, token: str, count: int) -> Recent | None:
+        """The session's newest `count` messages and its latest stop time, in one round trip:
+        what the worker reads for each message it answers, so the cost of an answer does not
+        grow with the length of the history. None when the session does not exist."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("JSON.GET", self.keys.session(token), f"$.messages[-{count}:]")
+            pipe.get(self.keys.stop(token))
+            raw, stopped = await pipe.execute()
+        messages = _parse_slice(raw)
+        if messages is None:
+            return None
+        return Recent(messages, _stop_time(stopped), complete=len(messages) < count)
+
     # --- Messages ----------------------------------------------------------------------------
 
     async def queue_message(
@@ -140,15 +178,21 @@ class SessionStore:
         *,
         address: str | None = None,
         rate_limited: bool = True,
-    ) -> Queued | RateLimited | None:
-        """Check the session's and the address's rate limits, then store the message, queue it
-        for a worker and announce it (its `ack`), trimming the history to its cap: one atomic
-        step and one round trip. Returns None when the session has expired."""
+        backlog_capped: bool = True,
+    ) -> Queued | RateLimited | BacklogFull | None:
+        """Check the session's backlog (MAX_UNANSWERED_MESSAGES) and the session's and the
+        address's rate limits, then store the message, queue it for a worker and announce it
+        (its `ack`), trimming the history to its cap: one atomic step and one round trip. The
+        message is stamped with Redis's time, not this process's. Returns None when the
+        session has expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts)."""
         settings = self._settings
         message = Message(source=Source.HUMAN, msg=text)
         ack = AckEvent(
             id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
         )
+        message_json = message.model_dump_json(exclude_none=True)
+        # The member the script replaces with Redis's time, in the message and in the ack.
+        stamp = '"timestamp":' + json.dumps(message.model_dump(mode="json")["timestamp"])
         per_session = settings.rate_limit_session_messages if rate_limited else 0
         per_address = settings.rate_limit_address_messages if rate_limited and address else 0
         result: Any = await self._add_human(
@@ -160,9 +204,9 @@ class SessionStore:
                 self.keys.workers_alive,
             ],
             args=[
-                message.model_dump_json(exclude_none=True),
+                message_json,
                 self._ttl,
-                self._maxlen,
+                stamp,
                 token,
                 message.id,
                 self.keys.events(token),
@@ -172,6 +216,7 @@ class SessionStore:
                 settings.rate_limit_window_seconds * 1000,
                 self._history_cap,
                 int(settings.worker_lease_seconds * 1000),
+                settings.max_unanswered_messages if backlog_capped else 0,
             ],
         )
         status = int(result[0])
@@ -179,8 +224,11 @@ class SessionStore:
             return None
         if status == 2:
             return RateLimited(retry_after_seconds(int(result[1])))
+        if status == 4:
+            return BacklogFull(int(result[1]))
         if status == 3:  # a retry of a call that had stored it
             return Queued(message, workers_alive=True)
+        message.timestamp = datetime.fromisoformat(str(result[3]))
         return Queued(message, workers_alive=int(result[2]) > 0)
 
     async def check_rate(self, kind: str, subject: str, limit: int, period_seconds: int) -> int:
@@ -194,21 +242,21 @@ class SessionStore:
         return 0 if int(wait) <= 0 else retry_after_seconds(int(wait))
 
     async def add_reply(
-        self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lock_owner: str
+        self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lease_owner: str
     ) -> ReplyOutcome:
-        """Append a bot reply unless one exists already, and only while holding the lock.
+        """Append a bot reply unless one exists already, and only while holding the lease.
 
         Once the message has its answer (this one, or one stored before), its generation-attempt
-        counter (worker/responder.py) is deleted in the same step."""
+        counter (`begin_attempt`) is deleted in the same step."""
         assert reply.reply_to is not None and is_uuid4(reply.reply_to)
         result = await self._add_reply(
             keys=[
                 self.keys.session(token),
-                self.keys.lock(token),
+                self.keys.lease(token),
                 self.keys.attempts(reply.reply_to),
             ],
             args=[
-                lock_owner,
+                lease_owner,
                 reply.reply_to,
                 reply.model_dump_json(exclude_none=True),
                 self._ttl,
@@ -219,18 +267,53 @@ class SessionStore:
         )
         return ReplyOutcome(int(result))
 
-    async def publish_token(self, token: str, event: TokenEvent) -> None:
+    async def publish_delta(self, token: str, event: DeltaEvent) -> None:
+        """Send a piece of a reply being generated to the session's sockets."""
         await self.redis.publish(self.keys.events(token), dump_event(event))
+
+    # --- Generation attempts (the poison-message guard) ----------------------------------------
+
+    async def begin_attempt(self, message_id: str) -> int:
+        """Count one more generation of a reply to `message_id`; returns the count.
+
+        The count is deleted with the stored answer (add_reply.lua) and taken back
+        (`take_back_attempt`) when an attempt ends in a way the worker sees and expects (a
+        Redis outage, a lost lease, a shutdown), so only attempts whose worker died (or that
+        hit an unexpected failure) stay counted. The stream's delivery count is no measure of
+        that: every entry a dead worker held is delivered again, the ones it was only holding
+        (waiting for the session's lease or a slot) included.
+        """
+        key = self.keys.attempts(message_id)
+        owed = self._owed_attempts.get(message_id, 0)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, 1 - owed)
+            pipe.expire(key, self._ttl)
+            count, _ = await pipe.execute()
+        self._owed_attempts.pop(message_id, None)
+        return int(count)
+
+    async def take_back_attempt(self, message_id: str) -> None:
+        """Uncount an attempt that did not end in a dying worker. If Redis refuses the write,
+        the count is owed and taken back with this process's next attempt at the message."""
+        key = self.keys.attempts(message_id)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.decr(key)
+                pipe.expire(key, self._ttl)
+                await pipe.execute()
+        except (RedisError, OSError):
+            self._owed_attempts[message_id] = self._owed_attempts.get(message_id, 0) + 1
 
     # --- Stop requests -----------------------------------------------------------------------
 
     async def request_stop(self, token: str) -> None:
-        """Ask whichever worker generates for this session to stop; remembered for late starters."""
-        now_us = int(utcnow().timestamp() * 1_000_000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.stop(token), now_us, ex=self._ttl)
-            pipe.publish(self.keys.control, json.dumps({"type": "stop", "token": token}))
-            await pipe.execute()
+        """Ask whichever worker generates for this session to stop; remembered for late
+        starters. The stop is stamped with Redis's time, the clock messages are stamped with,
+        so a server with a skewed clock cannot stop the wrong message."""
+        command = json.dumps({"type": "stop", "token": token})
+        await self._request_stop(
+            keys=[self.keys.stop(token)], args=[self._ttl, self.keys.control, command]
+        )
 
 
 def _parse_messages(raw: object) -> list[Message] | None:
@@ -241,6 +324,14 @@ def _parse_messages(raw: object) -> list[Message] | None:
     else:  # the client decoded it already (redis-py's JSON callbacks, once `.json()` was used)
         matches = _MESSAGE_MATCHES.validate_python(raw)
     return matches[0] if matches else None
+
+
+def _parse_slice(raw: object) -> list[Message] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str | bytes):
+        return _MESSAGE_SLICE.validate_json(raw)
+    return _MESSAGE_SLICE.validate_python(raw)
 
 
 def _stop_time(value: str | bytes | None) -> datetime | None:

@@ -20,7 +20,7 @@ async def serve(settings: Settings) -> None:
     freeze_startup_heap()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.request_stop)
+        loop.add_signal_handler(signum, worker.request_shutdown)
     await worker.run()
 
 

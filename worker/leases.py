@@ -32,19 +32,27 @@ class SessionLease:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def finish_entry(redis: Redis, keys: Keys, entry_id: str) -> None:
+    """Acknowledge and delete a request-stream entry that needs no more work."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xack(keys.requests, keys.group, entry_id)
+        pipe.xdel(keys.requests, entry_id)
+        await pipe.execute()
+
+
 class LeaseManager:
     def __init__(self, redis: Redis, keys: Keys, consumer: str, lease_seconds: float) -> None:
         self._redis = redis
         self._keys = keys
         self._consumer = consumer
         self._lease_ms = int(lease_seconds * 1000)
-        self._renew = redis.register_script(load_script("renew_lock.lua"))
-        self._release = redis.register_script(load_script("release_lock.lua"))
+        self._renew = redis.register_script(load_script("renew_lease.lua"))
+        self._release = redis.register_script(load_script("release_lease.lua"))
         self.held: set[SessionLease] = set()
 
     async def acquire(self, token: str) -> SessionLease:
         """Wait until this worker holds the session's lease."""
-        lease = SessionLease(token, self._keys.lock(token), f"{self._consumer}:{new_id()}")
+        lease = SessionLease(token, self._keys.lease(token), f"{self._consumer}:{new_id()}")
         delay = _FIRST_POLL
         while not await self._redis.set(lease.key, lease.owner, nx=True, px=self._lease_ms):
             await asyncio.sleep(delay)
@@ -52,23 +60,25 @@ class LeaseManager:
         self.held.add(lease)
         return lease
 
-    async def release(self, lease: SessionLease, ack: tuple[str, str, str] | None = None) -> None:
-        """Give the lease up if it is still ours. `ack` (stream, group, entry id): acknowledge
-        that entry in the same round trip, after the release."""
+    async def release(self, lease: SessionLease, done: str | None = None) -> None:
+        """Give the lease up if it is still ours. `done`: the request-stream entry now
+        answered, acknowledged and deleted in the same round trip, after the release (the
+        stream keeps only work not done yet; see `Keys.requests`)."""
         self.held.discard(lease)
-        if ack is None:
+        if done is None:
             await self._release(keys=[lease.key], args=[lease.owner])
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._release.sha, 1, lease.key, lease.owner)
-            pipe.xack(*ack)
+            pipe.xack(self._keys.requests, self._keys.group, done)
+            pipe.xdel(self._keys.requests, done)
             try:
                 await pipe.execute()
             except NoScriptError:
-                # Redis does not know the script yet (first use, or it restarted): both
-                # commands are idempotent, so load it and do them again one by one.
+                # Redis does not know the script yet (first use, or it restarted): the
+                # commands are idempotent, so load it and do them again.
                 await self._release(keys=[lease.key], args=[lease.owner])
-                await self._redis.xack(*ack)
+                await finish_entry(self._redis, self._keys, done)
 
     async def renew_all(self) -> None:
         """Extend every held lease; a lease found taken over is flagged lost."""

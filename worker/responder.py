@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from core.config import Settings
 from core.models import (
+    DeltaEvent,
     ErrorCode,
     Message,
     ReplyError,
     Source,
-    TokenEvent,
     new_id,
     reply_event,
     short,
     utcnow,
 )
-from core.prompt import conversation_until, unanswered
-from core.store import ReplyOutcome, SessionStore
+from core.store import Recent, ReplyOutcome, SessionStore
 from worker.backends import ModelBackend, ModelFailure
 from worker.leases import SessionLease
+from worker.prompt import conversation_until, unanswered
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,58 @@ class LeaseLost(Exception):
     """Another worker took the session over; this one must not store anything for it."""
 
 
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One message to answer and what answering it needs."""
+
+    token: str
+    human: Message
+    # The newest messages of the session, the human message among them.
+    messages: Sequence[Message]
+    lease: SessionLease
+    stop: asyncio.Event
+
+
+# What a generation came to.
+@dataclass(frozen=True, slots=True)
+class Finished:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """Cut short by a stop request, or by MAX_REPLY_CHARS (`capped`)."""
+
+    capped: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseWasLost:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: ReplyError
+
+
+Outcome = Finished | Stopped | LeaseWasLost | Failed
+
+
+def recent_window(settings: Settings) -> int:
+    """How many of the newest messages the worker reads for each answer: the prompt's history
+    plus room for the messages still waiting (each with the reply stored after it), so the due
+    message and the earlier unanswered ones are in the window; an older one is read in full."""
+    waiting = settings.max_unanswered_messages or 32
+    return 2 * (settings.prompt_history_messages + waiting) + 8
+
+
 class Responder:
     def __init__(self, store: SessionStore, backend: ModelBackend, settings: Settings) -> None:
         self._store = store
         self._backend = backend
         self._settings = settings
+        self._window = recent_window(settings)
         #: Stop signals of the generations running now, by session token.
         self.stop_signals: dict[str, asyncio.Event] = {}
 
@@ -55,36 +102,49 @@ class Responder:
 
         A message whose generation was cut short by a dying worker WORKER_MAX_DELIVERIES
         times gets an error reply instead of one more attempt that may kill this worker too
-        (see `_begin_attempt`).
+        (see `SessionStore.begin_attempt`).
         """
         while True:
             # Listen first, then look: a stop arriving between the two is not missed.
             stop = asyncio.Event()
             self.stop_signals[token] = stop
             try:
-                messages, stopped_at = await self._store.messages_and_stop(token)
-                if messages is None:
-                    logger.info("session %s is gone; nothing to answer", short(token))
+                turn = await self._next_turn(token, message_id, lease, stop)
+                if turn is None:
                     return
-                position = {m.id: i for i, m in enumerate(messages)}
-                if message_id not in position:
-                    logger.warning("message %s is not in session %s", message_id, short(token))
-                    return
-                due = [m for m in unanswered(messages) if position[m.id] <= position[message_id]]
-                if not due:
-                    return
-                if stopped_at is not None and stopped_at >= due[0].timestamp:
-                    stop.set()  # stopped before generation started
-                await self._answer(token, messages, due[0], lease, stop)
+                await self._answer(turn)
             finally:
                 if self.stop_signals.get(token) is stop:
                     del self.stop_signals[token]
-            if due[0].id == message_id:
+            if turn.human.id == message_id:
                 # The target was the last one due: no need to read the history again.
                 return
 
-    async def _give_up(self, token: str, human: Message, lease: SessionLease) -> None:
-        logger.error("giving up on message %s of session %s", human.id, short(token))
+    async def _next_turn(
+        self, token: str, message_id: str, lease: SessionLease, stop: asyncio.Event
+    ) -> Turn | None:
+        """The oldest unanswered message up to `message_id`, read from the newest messages
+        only (the whole history only when `message_id` is older than those)."""
+        recent = await self._store.recent_messages(token, self._window)
+        if recent is not None and not recent.complete and not _holds(recent, message_id):
+            messages, stopped_at = await self._store.messages_and_stop(token)
+            recent = None if messages is None else Recent(messages, stopped_at, complete=True)
+        if recent is None:
+            logger.info("session %s is gone; nothing to answer", short(token))
+            return None
+        position = {m.id: i for i, m in enumerate(recent.messages)}
+        if message_id not in position:
+            logger.warning("message %s is not in session %s", message_id, short(token))
+            return None
+        due = [m for m in unanswered(recent.messages) if position[m.id] <= position[message_id]]
+        if not due:
+            return None
+        if recent.stopped_at is not None and recent.stopped_at >= due[0].timestamp:
+            stop.set()  # stopped before generation started (both times are Redis's clock)
+        return Turn(token, due[0], recent.messages, lease, stop)
+
+    async def _give_up(self, turn: Turn) -> None:
+        logger.error("giving up on message %s of session %s", turn.human.id, short(turn.token))
         detail = (
             f"This message could not be answered: workers stopped while answering it "
             f"{self._settings.worker_max_deliveries} times"
@@ -92,116 +152,85 @@ class Responder:
         reply = Message(
             source=Source.BOT,
             msg="",
-            reply_to=human.id,
+            reply_to=turn.human.id,
             error=ReplyError(code=ErrorCode.MODEL_ERROR, detail=detail),
         )
-        await self._store_reply(token, reply, lease)
+        await self._store_reply(turn, reply)
 
-    async def _begin_attempt(self, message_id: str) -> int:
-        """Count one more generation of a reply to `message_id`; returns the count.
-
-        The count is deleted with the stored answer (add_reply.lua) and taken back when an
-        attempt ends in a way this process sees and expects (a Redis outage, a lost lease, a
-        shutdown), so only attempts whose worker died (or that hit an unexpected failure) stay
-        counted. The stream's delivery count is no measure of that: every entry a dead worker
-        held is delivered again, the ones it was only holding (waiting for the session's lease
-        or a slot) included.
-        """
-        key = self._store.keys.attempts(message_id)
-        async with self._store.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, self._settings.session_ttl_seconds)
-            count, _ = await pipe.execute()
-        return int(count)
-
-    async def _take_back_attempt(self, message_id: str) -> None:
-        key = self._store.keys.attempts(message_id)
-        with contextlib.suppress(RedisError, OSError):
-            async with self._store.redis.pipeline(transaction=True) as pipe:
-                pipe.decr(key)
-                pipe.expire(key, self._settings.session_ttl_seconds)
-                await pipe.execute()
-
-    async def _answer(
-        self,
-        token: str,
-        messages: Sequence[Message],
-        human: Message,
-        lease: SessionLease,
-        stop: asyncio.Event,
-    ) -> None:
-        # Storing the answer (add_reply.lua) deletes the count; see _begin_attempt.
-        if await self._begin_attempt(human.id) > self._settings.worker_max_deliveries:
-            await self._give_up(token, human, lease)
+    async def _answer(self, turn: Turn) -> None:
+        # Storing the answer (add_reply.lua) deletes the count; see SessionStore.begin_attempt.
+        if await self._store.begin_attempt(turn.human.id) > self._settings.worker_max_deliveries:
+            await self._give_up(turn)
             return
         try:
-            await self._generate_and_store(token, messages, human, lease, stop)
+            await self._generate_and_store(turn)
         except (RedisError, OSError, LeaseLost, asyncio.CancelledError):
             # Redis outage, session taken over, shutdown: not a dead worker (this process is
             # still here to see it), so it does not count. Any other failure does.
-            await self._take_back_attempt(human.id)
+            await self._store.take_back_attempt(turn.human.id)
             raise
 
-    async def _generate_and_store(
-        self,
-        token: str,
-        messages: Sequence[Message],
-        human: Message,
-        lease: SessionLease,
-        stop: asyncio.Event,
-    ) -> None:
-        history = conversation_until(messages, human.id)[-self._settings.prompt_history_messages :]
-        reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=human.id)
+    async def _generate_and_store(self, turn: Turn) -> None:
+        limit = self._settings.prompt_history_messages
+        history = conversation_until(turn.messages, turn.human.id)[-limit:]
+        reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=turn.human.id)
         parts: list[str] = []
-        outcome = await self._generate(token, reply, history, parts, stop, lease)
-        if outcome == "lease_lost":
-            raise LeaseLost(token)
+        outcome = await self._generate(turn, reply, history, parts)
+        if isinstance(outcome, LeaseWasLost):
+            raise LeaseLost(turn.token)
         reply.msg = "".join(parts).strip()
         reply.timestamp = utcnow()
-        if isinstance(outcome, ReplyError):
-            reply.error = outcome
-        elif outcome == "stopped":
+        if isinstance(outcome, Failed):
+            reply.error = outcome.error
+        elif isinstance(outcome, Stopped):
             reply.stopped = True
         elif not reply.msg:
             reply.error = ReplyError(
                 code=ErrorCode.MODEL_ERROR, detail="The model gave an empty reply"
             )
-        await self._store_reply(token, reply, lease)
+        await self._store_reply(turn, reply)
 
-    async def _store_reply(self, token: str, reply: Message, lease: SessionLease) -> None:
-        stored = await self._store.add_reply(token, reply, reply_event(reply), lease.owner)
-        if stored is ReplyOutcome.LOCK_LOST:
-            raise LeaseLost(token)
+    async def _store_reply(self, turn: Turn, reply: Message) -> None:
+        stored = await self._store.add_reply(
+            turn.token, reply, reply_event(reply), turn.lease.owner
+        )
+        if stored is ReplyOutcome.LEASE_LOST:
+            raise LeaseLost(turn.token)
         if stored is not ReplyOutcome.STORED:
             logger.info("reply to %s not stored: %s", reply.reply_to, stored.name)
 
+    async def _stream(
+        self, turn: Turn, reply: Message, history: Sequence[Message], parts: list[str]
+    ) -> bool:
+        """Stream the model's reply into `parts` and to the session's sockets; True when it
+        reached MAX_REPLY_CHARS and was cut there (the generation is then cancelled)."""
+        room = self._settings.max_reply_chars
+        deltas = self._backend.stream_reply(history)
+        try:
+            async for delta in deltas:
+                piece = delta[:room]
+                room -= len(piece)
+                if piece:
+                    parts.append(piece)
+                    event = DeltaEvent(id=reply.id, reply_to=turn.human.id, delta=piece)
+                    await self._store.publish_delta(turn.token, event)
+                if room <= 0:
+                    return True
+            return False
+        finally:
+            close = getattr(deltas, "aclose", None)
+            if close is not None:  # ends the backend's request now, not at garbage collection
+                await close()
+
     async def _generate(
-        self,
-        token: str,
-        reply: Message,
-        history: Sequence[Message],
-        parts: list[str],
-        stop: asyncio.Event,
-        lease: SessionLease,
-    ) -> str | ReplyError:
-        """Stream the model's reply into `parts` and to the session's sockets.
-
-        Returns "done", "stopped", "lease_lost", or the error to store as the reply.
-        """
-        if stop.is_set():
-            return "stopped"
-        assert reply.reply_to is not None
-        reply_to = reply.reply_to
-
-        async def stream() -> None:
-            async for delta in self._backend.stream_reply(history):
-                parts.append(delta)
-                event = TokenEvent(id=reply.id, reply_to=reply_to, delta=delta)
-                await self._store.publish_token(token, event)
-
-        generation = asyncio.create_task(stream())
-        stopped = asyncio.create_task(stop.wait())
-        lost = asyncio.create_task(lease.lost.wait())
+        self, turn: Turn, reply: Message, history: Sequence[Message], parts: list[str]
+    ) -> Outcome:
+        """Run the generation until it ends, is stopped, loses its lease or times out."""
+        if turn.stop.is_set():
+            return Stopped()
+        generation = asyncio.create_task(self._stream(turn, reply, history, parts))
+        stopped = asyncio.create_task(turn.stop.wait())
+        lost = asyncio.create_task(turn.lease.lost.wait())
         timeout = self._settings.model_timeout_seconds
         try:
             await asyncio.wait(
@@ -212,18 +241,24 @@ class Responder:
             for task in (generation, stopped, lost):
                 task.cancel()
             await asyncio.wait({generation, stopped, lost})
-        if lease.lost.is_set():
-            return "lease_lost"
-        if stop.is_set():
-            return "stopped"
+        if turn.lease.lost.is_set():
+            return LeaseWasLost()
+        if turn.stop.is_set():
+            return Stopped()
         if not finished:
-            return ReplyError(
-                code=ErrorCode.TIMEOUT, detail=f"The model did not finish within {timeout:g} s"
+            return Failed(
+                ReplyError(
+                    code=ErrorCode.TIMEOUT, detail=f"The model did not finish within {timeout:g} s"
+                )
             )
         exc = generation.exception()
         if exc is None:
-            return "done"
+            return Stopped(capped=True) if generation.result() else Finished()
         if isinstance(exc, ModelFailure):
-            logger.warning("session %s: %s", short(token), exc.detail)
-            return ReplyError(code=exc.code, detail=exc.detail)
+            logger.warning("session %s: %s", short(turn.token), exc.detail)
+            return Failed(ReplyError(code=exc.code, detail=exc.detail))
         raise exc
+
+
+def _holds(recent: Recent, message_id: str) -> bool:
+    return any(m.id == message_id for m in recent.messages)

@@ -1,20 +1,31 @@
 -- Store a human message and queue it for the workers, in one atomic step (one round trip),
--- after the session's and the client address's rate limits allowed it.
--- Needs the preludes lib_clock.lua, lib_gcra.lua and lib_history_cap.lua.
+-- after the session's backlog cap and the session's and the client address's rate limits
+-- allowed it.
+-- Needs the preludes lib_clock.lua, lib_gcra.lua, lib_history_cap.lua and lib_unanswered.lua.
 -- KEYS[1] session document, KEYS[2] request stream, KEYS[3] session rate key,
 -- KEYS[4] address rate key, KEYS[5] live-workers sorted set
--- ARGV[1] message JSON, ARGV[2] session TTL (s), ARGV[3] stream MAXLEN (approximate),
+-- ARGV[1] message JSON, ARGV[2] session TTL (s), ARGV[3] the `"timestamp":"..."` member in
+-- ARGV[1] and ARGV[7], replaced by Redis's time (no server clock stamps a message),
 -- ARGV[4] token, ARGV[5] message id, ARGV[6] events channel, ARGV[7] ack event JSON,
 -- ARGV[8] messages per window per session (0 = no limit), ARGV[9] per address (0 = no limit),
--- ARGV[10] window (ms), ARGV[11] history cap (0 = none), ARGV[12] worker lease (ms)
--- Returns {0} the session does not exist (expired); {1, stream entry id, live workers} stored;
--- {2, wait ms} refused by a rate limit (nothing written); {3} already stored (a retry).
--- Idempotent: if the client retries after a lost reply, the message is not stored twice.
+-- ARGV[10] window (ms), ARGV[11] history cap (0 = none), ARGV[12] worker lease (ms),
+-- ARGV[13] unanswered messages allowed per session (0 = no limit)
+-- Returns {0} the session does not exist (expired); {1, stream entry id, live workers,
+-- timestamp} stored; {2, wait ms} refused by a rate limit; {4, limit} refused: the session has
+-- `limit` messages waiting for a reply (nothing written on a refusal); {3} already stored (a
+-- retry). Idempotent: if the client retries after a lost reply, the message is not stored twice.
+-- The stream is not trimmed: workers delete each entry once it is answered (XACK + XDEL), so it
+-- holds only work not done yet, and no unread entry is ever trimmed away.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {0}
 end
 if redis.call('JSON.GET', KEYS[1], '$.messages[?(@.id=="' .. ARGV[5] .. '")].id') ~= '[]' then
   return {3}
+end
+local limit = tonumber(ARGV[13])
+local waiting = unanswered_count(KEYS[1])
+if limit > 0 and waiting >= limit then
+  return {4, limit}
 end
 local now = now_ms()
 local window = tonumber(ARGV[10])
@@ -25,10 +36,20 @@ if session_wait > 0 or address_wait > 0 then
 end
 gcra_commit(KEYS[3], session_tat, now)
 gcra_commit(KEYS[4], address_tat, now)
-redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[1])
+local _, stamp = now_stamp()
+local stamped = '"timestamp":"' .. stamp .. '"'
+local function restamp(json)
+  local at = string.find(json, ARGV[3], 1, true)
+  if at == nil then
+    return json
+  end
+  return string.sub(json, 1, at - 1) .. stamped .. string.sub(json, at + #ARGV[3])
+end
+redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', restamp(ARGV[1]))
+redis.call('JSON.SET', KEYS[1], '$.unanswered', waiting + 1)
 cap_history(KEYS[1], tonumber(ARGV[11]))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'token', ARGV[4], 'id', ARGV[5])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+local entry = redis.call('XADD', KEYS[2], '*', 'token', ARGV[4], 'id', ARGV[5])
+redis.call('PUBLISH', ARGV[6], restamp(ARGV[7]))
 local alive = redis.call('ZCOUNT', KEYS[5], now - tonumber(ARGV[12]), '+inf')
-return {1, entry, alive}
+return {1, entry, alive, stamp}

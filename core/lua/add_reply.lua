@@ -1,11 +1,11 @@
 -- Store a bot reply (or the error that stands for it) exactly once, then announce it.
--- Needs the prelude lib_history_cap.lua.
--- KEYS[1] session document, KEYS[2] the session's worker lock, KEYS[3] the answered message's
+-- Needs the preludes lib_history_cap.lua and lib_unanswered.lua.
+-- KEYS[1] session document, KEYS[2] the session's worker lease, KEYS[3] the answered message's
 -- generation-attempt counter (deleted once the message has its answer)
--- ARGV[1] lock owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
+-- ARGV[1] lease owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
 -- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
 -- ARGV[7] history cap (0 = none)
--- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lock, -2 no session.
+-- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lease, -2 no session.
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
 end
@@ -18,6 +18,7 @@ if found ~= '[]' then
   return 0
 end
 redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])
+redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_count(KEYS[1]) - 1))
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+import core.models
+import core.store
 from core.config import Settings
 from core.models import Message, MessageEvent, Source, new_id
-from core.store import Queued, RateLimited, ReplyOutcome, SessionStore
+from core.store import BacklogFull, Queued, RateLimited, ReplyOutcome, SessionStore
 from tests.conftest import make_settings
 from tests.support import sessions
 
@@ -84,7 +88,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
     session = await store.create("Ann")
     human = await sessions.add_human_message(store, session.token, "q")
     assert human is not None
-    await redis.set(store.keys.lock(session.token), "me")
+    await redis.set(store.keys.lease(session.token), "me")
 
     def reply() -> tuple[Message, MessageEvent]:
         message = Message(source=Source.BOT, msg="a", reply_to=human.id)
@@ -93,7 +97,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
 
     attempts = store.keys.attempts(human.id)
     await redis.set(attempts, 1)
-    assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LOCK_LOST
+    assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LEASE_LOST
     assert await redis.exists(attempts) == 1  # not answered: the attempt count stays
     assert await store.add_reply(session.token, *reply(), "me") is ReplyOutcome.STORED
     assert await redis.exists(attempts) == 0  # answered: the count goes with it
@@ -124,7 +128,7 @@ async def test_stop_request_is_remembered_and_broadcast(store: SessionStore, red
 
 
 async def _answer(store: SessionStore, redis: Redis, token: str, human: Message) -> Message:
-    await redis.set(store.keys.lock(token), "me")
+    await redis.set(store.keys.lease(token), "me")
     reply = Message(source=Source.BOT, msg=f"re {human.msg}", reply_to=human.id)
     event = MessageEvent(id=reply.id, reply_to=human.id, msg=reply.msg, timestamp=reply.timestamp)
     assert await store.add_reply(token, reply, event, "me") is ReplyOutcome.STORED
@@ -209,7 +213,10 @@ async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -
 
 async def test_rate_limit_zero_means_none(redis_url: str, redis: Redis) -> None:
     settings = make_settings(
-        redis_url, rate_limit_session_messages=0, rate_limit_address_messages=0
+        redis_url,
+        rate_limit_session_messages=0,
+        rate_limit_address_messages=0,
+        max_unanswered_messages=0,
     )
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
@@ -239,3 +246,51 @@ async def test_queued_reports_whether_a_worker_is_alive(
     await redis.zadd(store.keys.workers_alive, {"live-worker": int(time.time() * 1000)})
     alive = await store.queue_message(session.token, "now?")
     assert isinstance(alive, Queued) and alive.workers_alive is True
+
+
+# --- Backlog cap, stream length, Redis's clock --------------------------------------------------
+
+
+async def test_backlog_cap_refuses_and_writes_nothing(redis_url: str, redis: Redis) -> None:
+    settings = make_settings(redis_url, max_unanswered_messages=3)
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    queued = [await store.queue_message(session.token, f"q{n}") for n in range(3)]
+    assert all(isinstance(q, Queued) for q in queued)
+    assert await store.queue_message(session.token, "one too many") == BacklogFull(3)
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["q0", "q1", "q2"]
+    assert await redis.xlen(store.keys.requests) == 3
+    # An answer makes room for exactly one more.
+    first = queued[0]
+    assert isinstance(first, Queued)
+    await _answer(store, redis, session.token, first.message)
+    assert isinstance(await store.queue_message(session.token, "q3"), Queued)
+    assert await store.queue_message(session.token, "q4") == BacklogFull(3)
+
+
+async def test_the_request_stream_is_never_trimmed(redis_url: str, redis: Redis) -> None:
+    """More entries than the old STREAM_MAXLEN (its minimum, 1000): none trimmed away unread."""
+    store = SessionStore(redis, make_settings(redis_url, stream_maxlen=1000))
+    session = await store.create("Ann")
+    for n in range(1500):
+        await sessions.add_human_message(store, session.token, f"m{n}")
+    assert await redis.xlen(store.keys.requests) == 1500
+
+
+async def test_a_skewed_server_clock_does_not_stamp_messages_or_stops(
+    store: SessionStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skewed = datetime.now(UTC) - timedelta(hours=1)
+    monkeypatch.setattr(core.models, "utcnow", lambda: skewed)
+    monkeypatch.setattr(core.store, "utcnow", lambda: skewed, raising=False)
+    session = await store.create("Ann")
+    queued = await store.queue_message(session.token, "what time is it?")
+    await store.request_stop(session.token)
+    seconds, micros = await redis.time()
+    redis_now = datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+    assert isinstance(queued, Queued)
+    stored, stopped_at = await store.messages_and_stop(session.token)
+    assert stored is not None and stopped_at is not None
+    for stamp in (queued.message.timestamp, stored[0].timestamp, stopped_at):
+        assert abs((stamp - redis_now).total_seconds()) < 60

@@ -12,8 +12,10 @@ async def add_human_message(
     store: SessionStore, token: str, text: str, client_id: str | None = None
 ) -> Message | None:
     """Store the message, queue it for a worker and announce it: one atomic step, with no
-    rate limit. Returns None when the session has expired."""
-    result = await store.queue_message(token, text, client_id, rate_limited=False)
+    rate limit and no backlog cap. Returns None when the session has expired."""
+    result = await store.queue_message(
+        token, text, client_id, rate_limited=False, backlog_capped=False
+    )
     assert result is None or isinstance(result, Queued), result
     return None if result is None else result.message
 

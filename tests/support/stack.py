@@ -42,7 +42,7 @@ class Stack:
 
     async def stop_workers(self) -> None:
         for worker, _ in self.workers:
-            worker.request_stop()
+            worker.request_shutdown()
         await asyncio.gather(*(task for _, task in self.workers))
         self.workers.clear()
 

@@ -283,7 +283,8 @@ async def _snapshot(settings: Settings, keys: Keys, tokens: list[str]) -> Snapsh
             await redis.xgroup_create(probe, "g", id="0")
             await redis.xreadgroup("g", "dead-worker", {probe: ">"}, count=1)
         ttls = [int(await redis.ttl(keys.session(token))) for token in tokens]
-        length = int(await redis.xlen(keys.requests))
+        # Entries ever added (answered entries are deleted, so XLEN may shrink).
+        length = int((await redis.xinfo_stream(keys.requests))["entries-added"])
         pending: Any = await redis.xpending(probe, "g")
         return Snapshot(ttls, length, int(pending["pending"]))
     finally:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+import core.models
+import core.store
 from core.config import Settings
+from core.models import Message, Source, new_id
 from core.redis import ensure_group
 from core.store import SessionStore
 from launcher.redis_server import free_port
@@ -28,7 +34,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
-        worker.request_stop()
+        worker.request_shutdown()
         await task
 
 
@@ -54,7 +60,7 @@ async def strand_with_dead_worker(
     """Make the queued entries look taken by a worker that then died holding the session."""
     await ensure_group(redis, store.keys)
     await redis.xreadgroup(store.keys.group, "dead-worker", {store.keys.requests: ">"})
-    await redis.set(store.keys.lock(token), "dead-worker:lease", px=lease_ms)
+    await redis.set(store.keys.lease(token), "dead-worker:lease", px=lease_ms)
 
 
 @pytest.fixture
@@ -124,7 +130,7 @@ async def test_stop_lets_a_generation_in_progress_finish(
         await sessions.add_human_message(worker_store, session.token, "one two three four five")
         while not model_server.requests:
             await asyncio.sleep(0.01)
-        worker.request_stop()
+        worker.request_shutdown()
     messages = await sessions.messages(worker_store, session.token)
     assert messages is not None and messages[-1].msg == "echo: one two three four five"
 
@@ -253,8 +259,7 @@ async def test_consumers_of_dead_workers_are_forgotten(
     await asyncio.sleep(0.05)
     settings = worker_settings.model_copy(update={"worker_lease_seconds": 0.003})
     worker = Worker(settings)
-    worker._redis = redis
-    await worker._forget_dead_consumers()
+    await worker._forget_dead_consumers(redis)
     names = [c["name"] for c in await redis.xinfo_consumers(keys.requests, keys.group)]
     assert "long-gone" not in names
 
@@ -264,10 +269,159 @@ async def test_a_failed_loop_stops_the_worker_instead_of_leaving_it_half_alive(
 ) -> None:
     worker = Worker(worker_settings)
 
-    async def broken_read() -> None:
+    async def broken_read(*_: Any) -> None:
         raise ValueError("bug in the read loop")
 
     monkeypatch.setattr(worker, "_read_once", broken_read)
     with pytest.raises(WorkerFailed, match="worker loop failed") as failed:
         await asyncio.wait_for(worker.run(), 10)
     assert isinstance(failed.value.__cause__, ValueError)
+
+
+# --- Fairness, bounded reads, reply size, clocks, logs ------------------------------------------
+
+
+async def first_delta_after(redis: Redis, channel: str, sent: float, timeout: float = 60) -> float:
+    """Seconds from `sent` (loop time) to the first reply piece on a session's channel."""
+    loop = asyncio.get_running_loop()
+    async with redis.pubsub() as pubsub, asyncio.timeout(timeout):
+        await pubsub.subscribe(channel)
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and json.loads(message["data"])["type"] == "token":
+                return loop.time() - sent
+
+
+async def test_a_burst_from_one_session_does_not_hold_up_the_others(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.05
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, worker_concurrency=2
+    )
+    store = SessionStore(redis, settings)
+    burst = (await store.create("Loud")).token
+    others = [(await store.create(f"quiet{n}")).token for n in range(3)]
+    async with running_worker(settings):
+        for n in range(30):
+            await sessions.add_human_message(store, burst, f"burst {n}")
+        await asyncio.sleep(0.5)  # the worker holds the burst now
+        loop = asyncio.get_running_loop()
+        listening = [
+            asyncio.create_task(first_delta_after(redis, store.keys.events(t), loop.time()))
+            for t in others
+        ]
+        await asyncio.sleep(0.2)  # subscribed
+        for token in others:
+            await sessions.add_human_message(store, token, "anyone there?")
+        latencies = await asyncio.gather(*listening)
+        await wait_for_replies(store, burst, 30, timeout=90)
+    # Generous for a loaded machine; before the fix the others waited for the whole burst
+    # (30 replies of 4 pieces at 0.05 s each, one at a time: over 6 s).
+    assert max(latencies) < 4.0, latencies
+    assert await redis.xlen(store.keys.requests) == 0  # answered entries are deleted
+
+
+async def test_a_long_session_is_answered_reading_only_its_newest_messages(
+    redis: Redis, worker_store: SessionStore, worker_settings: Settings, model_server: ModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    session = await worker_store.create("Ann")
+    key = worker_store.keys.session(session.token)
+    filler = "x" * 1000
+    old: list[Message] = []
+    for n in range(499):
+        human = Message(source=Source.HUMAN, msg=f"q{n} {filler}")
+        old += [human, Message(source=Source.BOT, msg=f"a{n}", reply_to=human.id)]
+    await redis.json().set(key, "$.messages", [m.model_dump(mode="json") for m in old])
+    read_sizes: list[int] = []
+    for name in ("_parse_messages", "_parse_slice"):
+        parse = getattr(core.store, name, None)
+        if parse is not None:
+            monkeypatch.setattr(core.store, name, recording(parse, read_sizes))
+    await sessions.add_human_message(worker_store, session.token, "the 999th")
+    async with running_worker(worker_settings):
+        async with asyncio.timeout(15):
+            while (await redis.json().arrlen(key, "$.messages")) != [1000]:
+                await asyncio.sleep(0.05)
+    assert await redis.json().get(key, "$.messages[-1].msg") == ["echo: the 999th"]
+    prompt = [t["content"] for t in model_server.requests[-1]["messages"][1:]]
+    assert prompt == [f"q497 {filler}", "a497", f"q498 {filler}", "a498", "the 999th"][-4:]
+    # The whole document is over 500 KB; the worker read a bounded window of it.
+    assert read_sizes and max(read_sizes) < 100_000, read_sizes
+
+
+def recording(parse: Any, sizes: list[int]) -> Any:
+    def parse_and_count(raw: object) -> Any:
+        sizes.append(len(raw) if isinstance(raw, str | bytes) else len(json.dumps(raw)))
+        return parse(raw)
+
+    return parse_and_count
+
+
+async def test_a_reply_is_cut_at_max_reply_chars_and_stored_as_stopped(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    model_server.behaviour.reply_override = "word " * 200
+    settings = make_settings(
+        redis_url,
+        openai_base_url=model_server.openai_base_url,
+        max_reply_chars=30,
+        model_max_new_tokens=400,
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    await sessions.add_human_message(store, session.token, "talk a lot")
+    async with running_worker(settings):
+        messages = await wait_for_replies(store, session.token, 1)
+    reply = messages[-1]
+    assert reply.stopped is True and reply.error is None
+    assert 0 < len(reply.msg) <= 30 and reply.msg.startswith("word word")
+
+
+@pytest.mark.parametrize(
+    ("stop_skew", "message_skew"),
+    [(timedelta(hours=1), timedelta(0)), (timedelta(0), timedelta(hours=-1))],
+    ids=["stopping-server-ahead", "sending-server-behind"],
+)
+async def test_a_skewed_server_clock_never_stops_the_wrong_message(
+    worker_store: SessionStore,
+    worker_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_skew: timedelta,
+    message_skew: timedelta,
+) -> None:
+    """A stop for an earlier reply, then a new message: the new reply is not stopped, whichever
+    of the two servers' clocks is off."""
+
+    def skew(by: timedelta) -> None:
+        now = datetime.now(UTC) + by
+        monkeypatch.setattr(core.models, "utcnow", lambda: now)
+        monkeypatch.setattr(core.store, "utcnow", lambda: now, raising=False)
+
+    session = await worker_store.create("Ann")
+    skew(stop_skew)
+    await worker_store.request_stop(session.token)
+    skew(message_skew)
+    await sessions.add_human_message(worker_store, session.token, "a new question")
+    monkeypatch.undo()
+    async with running_worker(worker_settings):
+        messages = await wait_for_replies(worker_store, session.token, 1)
+    assert messages[-1].stopped is None and messages[-1].msg == "echo: a new question"
+
+
+async def test_a_malformed_entry_is_logged_without_its_token(
+    redis: Redis, worker_store: SessionStore, worker_settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO)
+    token = new_id()
+    await ensure_group(redis, worker_store.keys)
+    await redis.xadd(worker_store.keys.requests, {"token": token, "id": "not-an-id"})
+    async with running_worker(worker_settings):
+        async with asyncio.timeout(10):
+            while not any("malformed" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "dropping malformed stream entry" in logged
+    assert token not in logged and token[:8] in logged

@@ -31,7 +31,6 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGe
 
 from core.config import Settings
 from core.models import Message
-from core.prompt import HUMAN_TAG, StopSequenceFilter, build_prompt
 from worker.backends.base import (
     ModelBackend,
     ModelError,
@@ -40,6 +39,7 @@ from worker.backends.base import (
     stream_with_retries,
 )
 from worker.backends.openai_compat import ChatCompletionsBackend
+from worker.prompt import HUMAN_TAG, StopSequenceFilter, build_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import Settings
 from core.models import Message
-from core.prompt import chat_turns
 from worker.backends.base import ModelBackend, ModelError, ModelUnavailable
+from worker.prompt import chat_turns
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

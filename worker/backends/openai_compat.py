@@ -22,13 +22,13 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from core.config import Settings
 from core.models import Message
-from core.prompt import chat_turns
 from worker.backends.base import (
     ModelBackend,
     TransientModelError,
     http_failure,
     stream_with_retries,
 )
+from worker.prompt import chat_turns
 
 logger = logging.getLogger(__name__)
 

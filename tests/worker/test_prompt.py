@@ -3,12 +3,11 @@ from __future__ import annotations
 import pytest
 
 from core.models import ErrorCode, Message, ReplyError, Source
-from core.prompt import (
+from worker.prompt import (
     StopSequenceFilter,
     build_prompt,
     chat_turns,
     conversation_until,
-    cut_reply,
     unanswered,
 )
 
@@ -64,19 +63,6 @@ def test_unanswered_counts_errors_as_answers() -> None:
     h1, h2, h3 = human("1"), human("2"), human("3")
     stored = [h1, h2, bot("a", h1), h3, bot("", h2, error=True)]
     assert unanswered(stored) == [h3]
-
-
-@pytest.mark.parametrize(
-    ("raw", "reply"),
-    [
-        (" Paris.\nHuman: and Spain?", "Paris."),
-        ("Paris.", "Paris."),
-        ("Human: hi", ""),
-        ("  spaced  ", "spaced"),
-    ],
-)
-def test_cut_reply(raw: str, reply: str) -> None:
-    assert cut_reply(raw) == reply
 
 
 @pytest.mark.parametrize(

@@ -57,11 +57,6 @@ def chat_turns(history: Sequence[Message], system_prompt: str) -> list[ChatTurn]
     return turns
 
 
-def cut_reply(text: str) -> str:
-    """A text-generation reply ends where the model starts writing the human's next line."""
-    return text.split(HUMAN_TAG, 1)[0].strip()
-
-
 class StopSequenceFilter:
     """Streams deltas through, holding back any tail that may be the start of a stop sequence.
 
