@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import websockets
+from redis.asyncio import Redis
 from websockets.exceptions import InvalidStatus
 
 from launcher.redis_server import EmbeddedRedis, free_port
@@ -106,3 +108,40 @@ async def test_socket_handshake_answers_503_when_subscribing_fails(redis_url: st
         left_open = await services.redis.zcard(services.keys.sockets(token))
     assert refused.value.response.status_code == 503
     assert left_open == 0  # the socket's slot was given back
+
+
+async def test_a_redis_refusal_is_one_warning_line_per_message_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis at maxmemory (OOM) refuses every write: each refused message gets
+    `service_unavailable`, and the log gets one line for it, not a traceback (a flood of
+    tracebacks under load hides what is going on and fills disks)."""
+    with EmbeddedRedis(free_port(), tmp_path) as own:
+        async with (
+            InProcessServer(create_app(make_settings(own.url))) as served,
+            httpx.AsyncClient(base_url=served.url) as http,
+        ):
+            token = (await http.post("/token", params={"name": "Ann"})).json()["token"]
+            url = f"{served.url.replace('http', 'ws', 1)}/chat?token={token}"
+            async with websockets.connect(url) as ws:
+                await http.get("/readyz")
+                admin = Redis.from_url(own.url)
+                try:
+                    await admin.config_set("maxmemory", "1")
+                    caplog.clear()
+                    events = []
+                    for text in ("one", "two"):
+                        await ws.send(text)
+                        events.append(json.loads(await ws.recv()))
+                    stop = json.dumps({"type": "stop"})
+                    await ws.send(stop)
+                    events.append(json.loads(await ws.recv()))
+                finally:
+                    await admin.config_set("maxmemory", "0")
+                    await admin.aclose()
+    assert [e["code"] for e in events] == ["service_unavailable"] * 3
+    chat_log = [r for r in caplog.records if r.name == "server.api.routes.chat"]
+    refusals = [r for r in chat_log if r.levelname != "INFO"]
+    assert len(refusals) == 3, [r.getMessage() for r in chat_log]
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in refusals)
+    assert all("OutOfMemoryError" in r.getMessage() for r in refusals)

@@ -260,9 +260,16 @@ async def _request_stop(socket: _Socket) -> None:
             socket.reply_error(ErrorCode.RATE_LIMITED, detail, retry_after=wait)
             return
         await store.request_stop(socket.token)
-    except RedisError:
-        logger.exception("could not pass on a stop for session %s", short(socket.token))
+    except RedisError as exc:
+        _log_refusal("could not pass on a stop", socket.token, exc)
         socket.reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE)
+
+
+def _log_refusal(what: str, token: str, exc: RedisError) -> None:
+    """One line, no traceback: Redis refusing (OOM, READONLY, MISCONF, a lost connection) is a
+    state of the service, not a bug here, and under load a traceback per message would bury it.
+    """
+    logger.warning("%s for session %s: Redis: %s: %s", what, short(token), type(exc).__name__, exc)
 
 
 async def _store_message(socket: _Socket, text: str, client_id: str | None) -> object:
@@ -271,8 +278,8 @@ async def _store_message(socket: _Socket, text: str, client_id: str | None) -> o
         stored = await socket.services.store.queue_message(
             socket.token, text, client_id, address=socket.address
         )
-    except RedisError:
-        logger.exception("could not queue a message for session %s", short(socket.token))
+    except RedisError as exc:
+        _log_refusal("could not queue a message", socket.token, exc)
         socket.reply_error(ErrorCode.SERVICE_UNAVAILABLE, UNAVAILABLE, client_id=client_id)
         return None
     # The ack reaches every socket of the session through Pub/Sub, in order with the reply
