@@ -17,9 +17,9 @@ from core.redis import create_redis, readiness_problem
 from core.store import SessionStore
 from launcher.redis_server import EmbeddedRedis, EmbeddedRedisError, free_port
 from tests.conftest import make_settings
+from tests.support import sessions
 from tests.support.model_servers import ModelServer
 from tests.support.stack import running_stack
-from tests.support import sessions
 
 
 async def test_json_and_streams_and_aof_survive_a_restart(tmp_path: Path) -> None:
