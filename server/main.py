@@ -16,7 +16,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
-from core.redis import create_redis, ensure_group
+from core.redis import create_redis, ensure_group, eviction_warning
 from core.store import SessionStore
 from server.api.errors import unavailable_response
 from server.api.main import api_router
@@ -43,6 +43,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = SessionStore(redis, settings)
         app.state.hub = hub
         app.state.sockets = sockets
+        if (warning := await eviction_warning(redis)) is not None:
+            logger.warning("%s", warning)
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from core.keys import Keys
-from core.redis import readiness_problem
-from server.api.deps import HubDep, RedisDep, SettingsDep
+from core.redis import eviction_warning, readiness_problem
+from server.api.deps import HubDep, RedisDep, StoreDep
 
 router = APIRouter(tags=["health"])
 
@@ -24,15 +23,19 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis is not usable; the reason"}})
-async def readyz(redis: RedisDep, hub: HubDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(redis: RedisDep, hub: HubDep, store: StoreDep) -> JSONResponse:
     """200 when Redis answers, JSON and Streams work and events reach the sockets; else 503
-    with the reason."""
+    with the reason. A Redis that could evict the service's keys is still ready, with
+    `warnings` saying so (the server also logs it once at startup)."""
     if not hub.running:
         return JSONResponse(
             {"status": "unavailable", "detail": "event fan-out stopped (see the log)"},
             status_code=503,
         )
-    problem = await readiness_problem(redis, Keys(settings.key_prefix))
+    problem = await readiness_problem(redis, store.keys)  # the Keys built in the lifespan
     if problem is not None:
         return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
+    warning = await eviction_warning(redis)
+    if warning is not None:
+        return JSONResponse({"status": "ready", "warnings": [warning]})
     return JSONResponse({"status": "ready"})
