@@ -23,8 +23,9 @@ LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pypro
 
 # The first run sets everything up; the independent steps (llama.cpp's compile, the other
 # Python packages, the page's npm install and build) run in parallel, each announcing itself.
+# (No --output-sync: it would hold the compile's progress lines until the compile ends.)
 run:
-	@$(MAKE) --no-print-directory -j4 -Oline setup
+	@$(MAKE) --no-print-directory -j4 setup
 	@echo "[5/5] Starting the service (Redis, server, $${RUN_WORKERS:-1} worker): ready when it logs 'server ready'"
 	$(BIN)/python -m launcher
 
