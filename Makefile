@@ -45,7 +45,6 @@ $(BIN)/python:
 # compile runs beside the other installs; installing the wheel (and numpy, its dependency)
 # waits for them, so that two pips never write to the virtualenv at once.
 llama-wheel: $(BIN)/python
-	@echo "[2/5] llama.cpp for any x86-64 CPU with AVX2 (compiled once, about 3 min on 2 cores; cached in .cache/wheels)"
 	@scripts/llama-wheel.sh build $(VENV) $(LLAMA_VERSION)
 
 llama: llama-wheel $(DEPS_STAMP)

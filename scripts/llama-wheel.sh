@@ -7,9 +7,10 @@
 # into .cache/wheels/<key>/, the key being a hash of the version AND the CMake flags: a wheel
 # built with other flags (or pip's cached native one) is never picked up.
 #
-# usage: scripts/llama-wheel.sh build|install VENV VERSION
+# usage: scripts/llama-wheel.sh build|install|key VENV VERSION
 #   build    compile the wheel into the cache unless it is there (runs beside other installs)
 #   install  install it into VENV with its dependencies (numpy, jinja2, diskcache)
+#   key      print the cache key of these flags and version
 # env:   LLAMA_CMAKE_ARGS  the CPU flags (default: portable AVX2, see README "CPU requirements")
 #        LLAMA_WHEEL       a prebuilt wheel to install instead of building one (trusted as is)
 set -euo pipefail
@@ -33,9 +34,16 @@ key=$( { printf 'llama-cpp-python==%s\n%s\n' "$version" "$cpu_args $only_lib"; c
   | sha256sum | cut -c1-16)
 marker="$venv/.llama-wheel-$key"
 
-if [ -e "$marker" ]; then
-  [ "$mode" = build ] && echo "      llama-cpp-python $version already installed (flags $key)"
+if [ "$mode" = key ]; then  # for the tests: which cache folder these flags use
+  echo "$key"
   exit 0
+fi
+
+if [ -e "$marker" ]; then
+  exit 0  # installed with these flags: nothing to say
+fi
+if [ "$mode" = build ]; then
+  echo "[2/5] llama.cpp for any x86-64 CPU with AVX2 (compiled once: about 3 min on 2 idle cores, more on a busy machine; cached in .cache/wheels)"
 fi
 
 find_wheel() {

@@ -72,3 +72,43 @@ def test_the_checker_sees_avx512(tmp_path: Path) -> None:
 def test_the_checker_sees_amx(tmp_path: Path) -> None:
     amx = compile_object(tmp_path, AMX_TILE, "-mamx-tile")
     assert "tilezero" in forbidden_instructions(amx)
+
+
+# --- The wheel cache: keyed by the version and every flag ----------------------------------------
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "llama-wheel.sh"
+
+
+def cache_key(version: str, cmake_args: str | None = None, script: Path = SCRIPT) -> str:
+    env = {"PATH": "/usr/bin:/bin"}
+    if cmake_args is not None:
+        env["LLAMA_CMAKE_ARGS"] = cmake_args
+    done = subprocess.run(
+        ["bash", str(script), "key", "/nonexistent-venv", version],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return done.stdout.strip()
+
+
+def test_a_wheel_built_with_other_flags_or_version_is_never_picked_up(tmp_path: Path) -> None:
+    default = cache_key("0.3.36")
+    native = cache_key("0.3.36", "-DGGML_NATIVE=ON")
+    assert len(default) == 16
+    assert len({default, native, cache_key("0.3.35"), cache_key("0.3.36", "-DGGML_AVX=ON")}) == 4
+    assert cache_key("0.3.36") == default  # stable
+    # Another clone in another folder computes the same key (the path is not part of it).
+    copy = tmp_path / "elsewhere" / "scripts"
+    shutil.copytree(SCRIPT.parent, copy)
+    assert cache_key("0.3.36", script=copy / SCRIPT.name) == default
+
+
+def test_the_build_bypasses_pips_cache_and_prebuilt_wheels() -> None:
+    text = SCRIPT.read_text(encoding="utf-8")
+    build = next(line for line in text.splitlines() if '"$venv/bin/pip" wheel' in line)
+    following = text[text.index(build) :].split("\n", 3)[:3]
+    command = " ".join(following)
+    assert "--no-cache-dir" in command and "--no-binary llama-cpp-python" in command
+    assert "-DGGML_NATIVE=OFF" in text and "-DGGML_AVX512" not in text
