@@ -41,8 +41,7 @@ def exit_hint(status: int) -> str:
     if status == -signal.SIGILL:
         return (
             "the model library uses CPU instructions this machine lacks: see README 'CPU "
-            "requirements', rebuild it with `LLAMA_CMAKE_ARGS=... make install` (or run "
-            "`make distclean install` to rebuild it for any AVX2 CPU)"
+            "requirements', rebuild it with `LLAMA_CMAKE_ARGS=<this CPU's flags> make install`"
         )
     if status == -signal.SIGKILL:
         return "it was killed from outside (the kernel's OOM killer? see `dmesg`)"
