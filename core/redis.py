@@ -83,3 +83,23 @@ async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
     if probe != [True]:
         return "Redis JSON answered unexpectedly"
     return None
+
+
+async def eviction_warning(redis: Redis) -> str | None:
+    """Why this Redis could silently drop the service's keys, if it could; else None.
+
+    Any maxmemory-policy but noeviction evicts when Redis is full: allkeys-* anything (the
+    request stream, sessions), volatile-* the keys with a TTL, which are the sessions. A Redis
+    that refuses CONFIG (managed services often do) is not second-guessed.
+    """
+    try:
+        config = await redis.config_get("maxmemory-policy")
+    except (RedisError, OSError):
+        return None
+    policy = config.get("maxmemory-policy")
+    if not policy or policy == "noeviction":
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy}: when it is full it evicts keys (sessions, "
+        "queued messages) instead of refusing writes; set it to noeviction"
+    )

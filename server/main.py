@@ -17,7 +17,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
-from core.redis import create_redis, ensure_group
+from core.redis import create_redis, ensure_group, eviction_warning
 from core.store import SessionStore
 from server.api.deps import Services
 from server.api.errors import unavailable_response
@@ -53,10 +53,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings=settings,
             keys=keys,
             redis=redis,
-            store=SessionStore(redis, settings),
+            store=SessionStore(redis, settings, keys=keys),
             hub=hub,
             sockets=sockets,
         )
+        if (warning := await eviction_warning(redis)) is not None:
+            logger.warning("%s", warning)
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:

