@@ -219,17 +219,7 @@ class SessionStore:
                 settings.max_unanswered_messages if backlog_capped else 0,
             ],
         )
-        status = int(result[0])
-        if status == 0:
-            return None
-        if status == 2:
-            return RateLimited(retry_after_seconds(int(result[1])))
-        if status == 4:
-            return BacklogFull(int(result[1]))
-        if status == 3:  # a retry of a call that had stored it
-            return Queued(message, workers_alive=True)
-        message.timestamp = datetime.fromisoformat(str(result[3]))
-        return Queued(message, workers_alive=int(result[2]) > 0)
+        return _queue_outcome(result, message)
 
     async def check_rate(self, kind: str, subject: str, limit: int, period_seconds: int) -> int:
         """Count one request of `kind` by `subject` against `limit` per period (one atomic
@@ -314,6 +304,21 @@ class SessionStore:
         await self._request_stop(
             keys=[self.keys.stop(token)], args=[self._ttl, self.keys.control, command]
         )
+
+
+def _queue_outcome(result: Any, message: Message) -> Queued | RateLimited | BacklogFull | None:
+    """What add_human_message.lua answered (see its header), as the caller's result."""
+    status = int(result[0])
+    if status == 0:
+        return None
+    if status == 2:
+        return RateLimited(retry_after_seconds(int(result[1])))
+    if status == 4:
+        return BacklogFull(int(result[1]))
+    if status == 3:  # a retry of a call that had stored it
+        return Queued(message, workers_alive=True)
+    message.timestamp = datetime.fromisoformat(str(result[3]))  # Redis's clock, not ours
+    return Queued(message, workers_alive=int(result[2]) > 0)
 
 
 def _parse_messages(raw: object) -> list[Message] | None:

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -118,6 +119,7 @@ class EmbeddedRedis:
         module: Path | None = None,
         password: str | None = None,
         maxmemory: str | None = "512mb",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.data_dir = data_dir
@@ -125,6 +127,8 @@ class EmbeddedRedis:
         self.module = find_redisjson(module)
         self.password = password
         self.maxmemory = maxmemory
+        # More `--name value` settings (tests: `--key-load-delay`, `--enable-protected-configs`).
+        self.extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -156,7 +160,7 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.maxmemory:
             command += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
-        return command
+        return command + self.extra_args
 
     def _write_config(self) -> None:
         if not self.password:

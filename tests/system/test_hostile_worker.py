@@ -36,15 +36,6 @@ pytestmark = pytest.mark.slow
 REFUSING = 3.0  # seconds Redis refuses writes for, mid-load
 
 
-class TunedRedis(EmbeddedRedis):
-    def __init__(self, port: int, data_dir: Path, *extra: str) -> None:
-        super().__init__(port, data_dir)
-        self.extra = list(extra)
-
-    def command(self) -> list[str]:
-        return super().command() + self.extra
-
-
 @pytest.fixture
 async def model() -> AsyncIterator[ModelServer]:
     async with ModelServer(ModelServerBehaviour(token_delay=0.03)) as server:
@@ -52,10 +43,10 @@ async def model() -> AsyncIterator[ModelServer]:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[TunedRedis]:
-    server = TunedRedis(
-        free_port(), tmp_path / "redis", "--enable-protected-configs", "yes"
-    )  # `dir` is protected
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(  # `dir` is a protected config
+        free_port(), tmp_path / "redis", extra_args=["--enable-protected-configs", "yes"]
+    )
     with server:
         yield server
 
@@ -137,7 +128,7 @@ async def refusal_row(
 
 
 async def test_out_of_memory_mid_load(
-    own_redis: TunedRedis, model: ModelServer, tmp_path: Path
+    own_redis: EmbeddedRedis, model: ModelServer, tmp_path: Path
 ) -> None:
     settings = make_settings(own_redis.url, openai_base_url=model.openai_base_url)
 
@@ -151,7 +142,9 @@ async def test_out_of_memory_mid_load(
     await refusal_row("Redis OOM (maxmemory, noeviction)", settings, tmp_path, refuse, clear)
 
 
-async def test_misconf_mid_load(own_redis: TunedRedis, model: ModelServer, tmp_path: Path) -> None:
+async def test_misconf_mid_load(
+    own_redis: EmbeddedRedis, model: ModelServer, tmp_path: Path
+) -> None:
     settings = make_settings(own_redis.url, openai_base_url=model.openai_base_url)
     doomed = tmp_path / "doomed"
     original: dict[str, str] = {}
@@ -179,12 +172,12 @@ async def test_misconf_mid_load(own_redis: TunedRedis, model: ModelServer, tmp_p
 
 
 async def test_read_only_after_a_failover_mid_load(
-    own_redis: TunedRedis, model: ModelServer, tmp_path: Path
+    own_redis: EmbeddedRedis, model: ModelServer, tmp_path: Path
 ) -> None:
     """Every process uses one Redis; mid-load a FAILOVER makes it a replica of another (it
     answers READONLY), then that replica is promoted back (REPLICAOF NO ONE)."""
     settings = make_settings(own_redis.url, openai_base_url=model.openai_base_url)
-    with TunedRedis(free_port(), tmp_path / "other") as other:
+    with EmbeddedRedis(free_port(), tmp_path / "other") as other:
         other_settings = settings.model_copy(update={"redis_url": other.url})
         async with create_redis(other_settings) as standby:
             await standby.replicaof("127.0.0.1", own_redis.port)

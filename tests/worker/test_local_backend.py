@@ -118,13 +118,19 @@ def test_cpu_flags_are_read_from_cpuinfo() -> None:
     assert missing_cpu_flags("no flags line here", required) == []
 
 
-async def test_a_cpu_without_avx2_fails_at_start_in_words(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def avx_only_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process sees an x86-64 CPU with AVX but no AVX2 (a Sandy Bridge)."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(CPUINFO_AVX_ONLY, encoding="utf-8")
     monkeypatch.setattr(local_module, "CPUINFO", cpuinfo)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
+
+
+@pytest.mark.usefixtures("avx_only_cpu")
+async def test_a_cpu_without_avx2_fails_at_start_in_words(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded: list[str] = []
     monkeypatch.setattr(LocalBackend, "_load", lambda self: loaded.append("loaded"))
     local = LocalBackend(make_settings(redis_url, model_backend="local"))
@@ -134,13 +140,10 @@ async def test_a_cpu_without_avx2_fails_at_start_in_words(
     assert loaded == []  # llama.cpp was never loaded
 
 
+@pytest.mark.usefixtures("avx_only_cpu")
 async def test_the_cpu_check_follows_local_cpu_flags(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(CPUINFO_AVX_ONLY, encoding="utf-8")
-    monkeypatch.setattr(local_module, "CPUINFO", cpuinfo)
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(LocalBackend, "_load", lambda self: None)
     settings = make_settings(redis_url, model_backend="local", local_cpu_flags="avx")
     assert settings.local_cpu_flags == ["avx"]

@@ -29,20 +29,9 @@ from worker.worker import Worker
 MESSAGES = 6
 
 
-class TunedRedis(EmbeddedRedis):
-    """An EmbeddedRedis with extra command-line settings."""
-
-    def __init__(self, port: int, data_dir: Path, *extra: str) -> None:
-        super().__init__(port, data_dir)
-        self.extra = list(extra)
-
-    def command(self) -> list[str]:
-        return super().command() + self.extra
-
-
 @pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[TunedRedis]:
-    server = TunedRedis(free_port(), tmp_path / "redis")
+async def own_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
+    server = EmbeddedRedis(free_port(), tmp_path / "redis")
     server.start()
     try:
         yield server
@@ -117,7 +106,7 @@ async def ride_out(
 
 
 async def test_out_of_memory_is_ridden_out(
-    own_redis: TunedRedis, model_server: ModelServer, caplog: pytest.LogCaptureFixture
+    own_redis: EmbeddedRedis, model_server: ModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     settings = settings_for(own_redis.url, model_server)
@@ -136,13 +125,13 @@ async def test_out_of_memory_is_ridden_out(
 
 
 async def test_a_read_only_replica_is_ridden_out_until_promoted(
-    own_redis: TunedRedis,
+    own_redis: EmbeddedRedis,
     tmp_path: Path,
     model_server: ModelServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    with TunedRedis(free_port(), tmp_path / "replica") as replica:
+    with EmbeddedRedis(free_port(), tmp_path / "replica") as replica:
         primary_settings = settings_for(own_redis.url, model_server)
         settings = primary_settings.model_copy(update={"redis_url": replica.url})
         async with create_redis(primary_settings) as primary, create_redis(settings) as copy:
@@ -169,7 +158,9 @@ async def test_misconf_after_a_failed_save_is_ridden_out(
 ) -> None:
     caplog.set_level(logging.INFO)
     # `dir` is a protected setting: CONFIG SET may change it only when allowed at start.
-    own_redis = TunedRedis(free_port(), tmp_path / "redis", "--enable-protected-configs", "yes")
+    own_redis = EmbeddedRedis(
+        free_port(), tmp_path / "redis", extra_args=["--enable-protected-configs", "yes"]
+    )
     settings = settings_for(own_redis.url, model_server)
     doomed = tmp_path / "doomed"
     with own_redis:
@@ -224,7 +215,7 @@ end
 
 
 async def test_busy_script_is_ridden_out(
-    own_redis: TunedRedis, model_server: ModelServer, caplog: pytest.LogCaptureFixture
+    own_redis: EmbeddedRedis, model_server: ModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     settings = settings_for(own_redis.url, model_server)
@@ -251,7 +242,7 @@ async def test_loading_after_a_restart_is_ridden_out(
     port = free_port()
     data = tmp_path / "redis"
     settings = settings_for(f"redis://127.0.0.1:{port}/0", model_server)
-    with TunedRedis(port, data):
+    with EmbeddedRedis(port, data):
         async with create_redis(settings) as admin:
             store = SessionStore(admin, settings)
             await ensure_group(admin, store.keys)
@@ -265,7 +256,7 @@ async def test_loading_after_a_restart_is_ridden_out(
             async with asyncio.timeout(15):
                 while (await admin.info("persistence"))["aof_rewrite_in_progress"]:
                     await asyncio.sleep(0.05)
-    restarted = TunedRedis(port, data, "--key-load-delay", "1000")
+    restarted = EmbeddedRedis(port, data, extra_args=["--key-load-delay", "1000"])
     starting = asyncio.create_task(asyncio.to_thread(restarted.start, 60.0))
     worker = Worker(settings)
     run: asyncio.Task[None] | None = None
