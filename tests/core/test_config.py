@@ -69,3 +69,13 @@ def test_dev_origins_are_allowed_in_development_only(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ALLOWED_ORIGINS", '["https://chat.example"]')
     production = Settings(_env_file=None, app_env="production")
     assert production.socket_origins == ["https://chat.example"]
+
+
+@pytest.mark.parametrize("variable", ["PROMPT_HISTORY_MESSAGES", "HISTORY_MESSAGES"])
+def test_the_prompt_window_takes_its_new_and_its_old_name(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HISTORY_MESSAGES was renamed (it sat next to MAX_HISTORY_MESSAGES, which means messages
+    kept, not messages in the prompt); an existing .env with the old name keeps working."""
+    monkeypatch.setenv(variable, "7")
+    assert Settings(_env_file=None).prompt_history_messages == 7
