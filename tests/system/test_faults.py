@@ -80,7 +80,9 @@ async def test_workers_killed_repeatedly_under_load(
         redis = create_redis(fault_settings)
         try:
             while not done.is_set() and kills < 8:
-                await _wait_or_done(done, 1.0)
+                # Often enough that a loaded machine (slow worker start-ups, a run that ends
+                # sooner than the kills) still gets the kills the assertion below wants.
+                await _wait_or_done(done, 0.6)
                 # The victim: a worker generating now, for messages at most one kill hit. (A
                 # message whose every generation dies is failed after WORKER_MAX_DELIVERIES:
                 # that is the poison-message guard, a different fault.)
@@ -95,7 +97,6 @@ async def test_workers_killed_repeatedly_under_load(
                 busy = [
                     w
                     for w in cluster.workers
-                    if "ready:" in w.log()
                     for consumer, deliveries in held.items()
                     if f"-{w.pid}-" in consumer and max(deliveries) < 3
                 ]
