@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from core.config import Settings
 from core.metrics import serve_http, serving_registry
 from core.store import SessionStore
+from launcher.__main__ import metrics_lines, worker_env
 from launcher.redis_server import free_port
 from tests.conftest import make_settings
 from tests.support import sessions
@@ -107,3 +108,17 @@ async def _one_message(url: str, ws_url: str) -> None:
         await ws.send("count me")
         while '"type":"message"' not in (frame := str(await ws.recv())).replace(" ", ""):
             assert '"error"' not in frame, frame
+
+
+def test_make_run_gives_each_worker_its_own_port_and_says_where(redis_url: str) -> None:
+    settings = make_settings(redis_url, run_workers=2, worker_metrics_port=9101)
+    ports = [worker_env({}, settings, n)["WORKER_METRICS_PORT"] for n in range(2)]
+    lines = metrics_lines(settings)
+    off = metrics_lines(make_settings(redis_url, metrics_enabled=False))
+    assert ports == ["9101", "9102"]
+    assert lines == [
+        f"server metrics: http://localhost:{settings.server_port}/metrics",
+        "worker 1 metrics: http://127.0.0.1:9101/metrics",
+        "worker 2 metrics: http://127.0.0.1:9102/metrics",
+    ]
+    assert off[0].endswith("off (METRICS_ENABLED=false)") and "WORKER_METRICS_PORT" in off[1]
