@@ -1,9 +1,9 @@
 """Every Prometheus metric of the service, defined once (docs/metrics.md).
 
 The server and the workers import the metric objects from here and only `inc()`, `dec()` or
-`observe()` them on the hot path (about 100 ns each, no I/O). The queue's length is not
-counted at all: it is read from Redis when /metrics is scraped (`QueueCollector`), so it
-cannot drift when a process dies between a `+1` and its `-1`.
+`observe()` them on the hot path (1-2 µs each, no I/O; docs/benchmarks.md). The queue's
+length is not counted at all: it is read from Redis when /metrics is scraped (`QueueCollector`),
+so it cannot drift when a process dies between a `+1` and its `-1`.
 
 With `SERVER_WORKERS > 1` the server's processes write their values to files in
 `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multi-process mode, set up by
