@@ -7,6 +7,8 @@ import httpx
 from redis.asyncio import Redis
 
 from core.config import Settings
+from core.metrics import QueueCollector, render, serving_registry
+from launcher.redis_server import free_port
 from tests.conftest import make_settings
 from tests.support.metrics import Samples, scrape, until, value
 from tests.support.model_servers import HttpError, ModelServer
@@ -97,3 +99,36 @@ async def test_metrics_can_be_kept_off_the_public_port(redis_url: str) -> None:
         async with running_stack(settings, workers=0) as stack, httpx.AsyncClient() as client:
             response = await client.get(f"{stack.url}/metrics")
         assert response.status_code == 404, overrides
+
+
+async def test_a_stopped_reply_is_counted_as_stopped(
+    redis_url: str, model_server: ModelServer
+) -> None:
+    settings = make_settings(redis_url, openai_base_url=model_server.openai_base_url)
+    model_server.behaviour.token_delay = 0.5  # slow enough to be stopped mid-reply
+    async with running_stack(settings) as stack:
+        url = f"{stack.url}/metrics"
+        before = value(await scrape(url), "chat_replies_total", outcome="stopped")
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            await chat.send("a long answer, please")
+            await chat.until("token")
+            await chat.send('{"type": "stop"}')
+            reply = await chat.until("message")
+        after = await until(
+            url, lambda s: value(s, "chat_replies_total", outcome="stopped") > before
+        )
+    assert reply.get("stopped") is True
+    assert value(after, "chat_replies_total", outcome="stopped") == before + 1
+
+
+async def test_a_scrape_without_redis_still_answers_without_the_queue_gauges(
+    redis_url: str,
+) -> None:
+    collector = QueueCollector(make_settings(f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        text = render(serving_registry(collector)).decode()
+    finally:
+        collector.close()
+    assert "chat_messages_received_total" in text
+    assert "chat_queue_waiting" not in text
