@@ -41,6 +41,16 @@ class Settings(BaseSettings):
         default=None,
         description="static page to serve at /; default: client/dist, else client/basic",
     )
+    metrics_enabled: bool = Field(default=True, description="serve Prometheus metrics")
+    server_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="0 = /metrics on the public port; N = only on this port, at METRICS_HOST",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the separate metrics ports (server, workers)"
+    )
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -91,6 +101,13 @@ class Settings(BaseSettings):
         default=5, ge=1, description="attempts before a message that kills workers is failed"
     )
     run_workers: int = Field(default=1, ge=0, description="worker processes started by `make run`")
+    worker_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="a worker's /metrics port at METRICS_HOST; 0 = off (`make run`: the first "
+        "worker's, the next ones count up)",
+    )
 
     # --- Model -------------------------------------------------------------------------------
     model_backend: ModelBackendName = "local"

@@ -100,6 +100,34 @@ def redis_unit(embedded: EmbeddedRedis) -> Supervised:
     return Supervised("embedded Redis", restart, embedded.exit_status)
 
 
+def worker_env(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:
+    """Worker `index` (from 0) gets WORKER_METRICS_PORT + index: one port each."""
+    if not settings.worker_metrics_port:
+        return env
+    return {**env, "WORKER_METRICS_PORT": str(settings.worker_metrics_port + index)}
+
+
+def metrics_lines(settings: Settings) -> list[str]:
+    """Where `make run`'s metrics are (docs/metrics.md), for the start-up log."""
+    if not settings.metrics_enabled:
+        lines = ["server metrics: off (METRICS_ENABLED=false)"]
+    elif settings.server_metrics_port:
+        lines = [f"server metrics: http://{settings.metrics_host}:{settings.server_metrics_port}/"]
+    else:
+        host = (
+            "localhost"
+            if settings.server_host in ("127.0.0.1", "0.0.0.0")
+            else settings.server_host
+        )
+        lines = [f"server metrics: http://{host}:{settings.server_port}/metrics"]
+    if not settings.worker_metrics_port:
+        lines.append("worker metrics: off (set WORKER_METRICS_PORT to serve them)")
+    for n in range(settings.run_workers if settings.worker_metrics_port else 0):
+        port = settings.worker_metrics_port + n
+        lines.append(f"worker {n + 1} metrics: http://{settings.metrics_host}:{port}/metrics")
+    return lines
+
+
 def main() -> int:
     settings = get_settings()
     configure_logging(settings.log_level)
@@ -120,7 +148,10 @@ def main() -> int:
         embedded = start_embedded_redis(settings)
         env["REDIS_URL"] = embedded.url
     children = [Child("server", "server", env)]
-    children += [Child(f"worker {n + 1}", "worker", env) for n in range(settings.run_workers)]
+    children += [
+        Child(f"worker {n + 1}", "worker", worker_env(env, settings, n))
+        for n in range(settings.run_workers)
+    ]
     try:
         if embedded is not None:
             # Already started: registered so that its death is seen and healed.
@@ -134,6 +165,8 @@ def main() -> int:
             "localhost" if host in ("127.0.0.1", "0.0.0.0") else host,
             settings.server_port,
         )
+        for line in metrics_lines(settings):
+            logger.info("%s", line)
         supervisor.watch()
     finally:
         stop_in_order(children, embedded)

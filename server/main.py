@@ -17,11 +17,13 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
+from core.metrics import QueueCollector, serving_registry
 from core.redis import create_redis, ensure_group, eviction_warning
 from core.store import SessionStore
 from server.api.deps import Services
 from server.api.errors import unavailable_response
 from server.api.main import api_router
+from server.api.routes import metrics
 from server.hub import EventHub
 from server.security_headers import SecurityHeadersMiddleware
 from server.sockets import SocketRegistry
@@ -62,6 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("server ready (redis %s)", settings.redis_url.rsplit("@", 1)[-1])
         yield
     finally:
+        if app.state.metrics_queue is not None:
+            app.state.metrics_queue.close()
         await sockets.aclose()
         await hub.aclose()
         await redis.aclose()
@@ -71,6 +75,19 @@ async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """An HTTP request that needed Redis while it was unreachable (the client retries)."""
     logger.warning("%s %s: Redis unavailable (%s)", request.method, request.url.path, exc)
     return unavailable_response()
+
+
+def mount_metrics(app: FastAPI, settings: Settings) -> None:
+    """The registry a scrape renders (`app.state.metrics_registry`, also served on
+    SERVER_METRICS_PORT by `python -m server`), and /metrics on this port when that is 0."""
+    app.state.metrics_queue = None
+    app.state.metrics_registry = None
+    if not settings.metrics_enabled:
+        return
+    app.state.metrics_queue = QueueCollector(settings)
+    app.state.metrics_registry = serving_registry(app.state.metrics_queue)
+    if settings.server_metrics_port == 0:
+        app.include_router(metrics.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Large answers (a long /refresh_token history) go compressed to clients that accept it.
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES)
     app.include_router(api_router)
+    mount_metrics(app, settings)
     app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir
     if client_dir.is_dir():

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from core.config import Settings, get_settings
 from core.heap import freeze_startup_heap
 from core.logs import configure_logging
+from core.metrics import serve_http, serving_registry
 from worker.backends import create_backend
 from worker.worker import Worker, WorkerFailed
 
@@ -21,7 +22,18 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.request_shutdown)
-    await worker.run()
+    metrics = None
+    if settings.worker_metrics_port:
+        # This process's metrics only; the queue's length comes from the server's /metrics.
+        metrics = serve_http(
+            settings.worker_metrics_port, settings.metrics_host, serving_registry(None)
+        )
+    try:
+        await worker.run()
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

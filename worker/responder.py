@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from core.config import Settings
+from core.metrics import (
+    FIRST_TOKEN_SECONDS,
+    GENERATIONS_IN_FLIGHT,
+    MODEL_ERRORS,
+    REPLIES,
+    REPLY_SECONDS,
+)
 from core.models import (
     DeltaEvent,
     ErrorCode,
@@ -171,6 +179,7 @@ class Responder:
             raise
 
     async def _generate_and_store(self, turn: Turn) -> None:
+        started = time.monotonic()
         limit = self._settings.prompt_history_messages
         history = conversation_until(turn.messages, turn.human.id)[-limit:]
         reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=turn.human.id)
@@ -188,7 +197,10 @@ class Responder:
             reply.error = ReplyError(
                 code=ErrorCode.MODEL_ERROR, detail="The model gave an empty reply"
             )
+        if reply.error is not None:
+            MODEL_ERRORS.labels(reply.error.code.value).inc()
         await self._store_reply(turn, reply)
+        REPLY_SECONDS.observe(time.monotonic() - started)
 
     async def _store_reply(self, turn: Turn, reply: Message) -> None:
         stored = await self._store.add_reply(
@@ -196,7 +208,9 @@ class Responder:
         )
         if stored is ReplyOutcome.LEASE_LOST:
             raise LeaseLost(turn.token)
-        if stored is not ReplyOutcome.STORED:
+        if stored is ReplyOutcome.STORED:
+            REPLIES.labels(_outcome(reply)).inc()
+        else:
             logger.info("reply to %s not stored: %s", reply.reply_to, stored.name)
 
     async def _stream(
@@ -205,12 +219,16 @@ class Responder:
         """Stream the model's reply into `parts` and to the session's sockets; True when it
         reached MAX_REPLY_CHARS and was cut there (the generation is then cancelled)."""
         room = self._settings.max_reply_chars
+        started, first = time.monotonic(), True
         deltas = self._backend.stream_reply(history)
         try:
             async for delta in deltas:
                 piece = delta[:room]
                 room -= len(piece)
                 if piece:
+                    if first:
+                        FIRST_TOKEN_SECONDS.observe(time.monotonic() - started)
+                        first = False
                     parts.append(piece)
                     event = DeltaEvent(id=reply.id, reply_to=turn.human.id, delta=piece)
                     await self._store.publish_delta(turn.token, event)
@@ -232,12 +250,14 @@ class Responder:
         stopped = asyncio.create_task(turn.stop.wait())
         lost = asyncio.create_task(turn.lease.lost.wait())
         timeout = self._settings.model_timeout_seconds
+        GENERATIONS_IN_FLIGHT.inc()
         try:
             await asyncio.wait(
                 {generation, stopped, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             finished = generation.done()
         finally:
+            GENERATIONS_IN_FLIGHT.dec()
             for task in (generation, stopped, lost):
                 task.cancel()
             await asyncio.wait({generation, stopped, lost})
@@ -262,3 +282,10 @@ class Responder:
 
 def _holds(recent: Recent, message_id: str) -> bool:
     return any(m.id == message_id for m in recent.messages)
+
+
+def _outcome(reply: Message) -> str:
+    """chat_replies_total's label: answered, stopped, or the error's code."""
+    if reply.error is not None:
+        return reply.error.code.value
+    return "stopped" if reply.stopped else "answered"

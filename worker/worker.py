@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from core.config import Settings
 from core.keys import Keys
+from core.metrics import WORKER_RECLAIMS
 from core.models import is_uuid4, short
 from core.redis import create_redis, ensure_group, load_script
 from core.store import SessionStore
@@ -323,6 +324,7 @@ class Worker:
             )
             start, claimed = reply[0], reply[1]
             for entry_id, fields in claimed:
+                WORKER_RECLAIMS.inc()
                 deliveries = await self._deliveries(r.redis, entry_id)
                 logger.info(
                     "reclaimed %s from a worker that stopped answering (delivery %d)",

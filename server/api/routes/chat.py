@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect, status
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketState
 
+from core.metrics import MESSAGES_RECEIVED, SOCKETS_OPEN
 from core.models import ErrorCode, ErrorEvent, NoticeCode, NoticeEvent, dump_event, short
 from core.store import BacklogFull, Queued, RateLimited
 from server.api.deps import Services, ServicesDep
@@ -127,6 +128,7 @@ async def _serve(websocket: WebSocket, token: str, address: str, services: Servi
     # event of its session from then on (a second tab included).
     async with services.hub.subscribe(token) as outbox:
         await websocket.accept()
+        SOCKETS_OPEN.inc()
         logger.info("socket opened for session %s", short(token))
         receiver = asyncio.current_task()
         assert receiver is not None
@@ -150,6 +152,7 @@ async def _serve(websocket: WebSocket, token: str, address: str, services: Servi
                 raise
             receiver.uncancel()  # the sender's doing (see _give_up): this socket is done
         finally:
+            SOCKETS_OPEN.dec()
             if not sender.done():
                 sender.cancel()
                 if received is _CLOSING:
@@ -284,6 +287,8 @@ async def _store_message(socket: _Socket, text: str, client_id: str | None) -> o
         return None
     # The ack reaches every socket of the session through Pub/Sub, in order with the reply
     # events that follow it; only refusals and the notice are this socket's own.
+    if isinstance(stored, Queued):
+        MESSAGES_RECEIVED.inc()
     match stored:
         case None:
             socket.reply_error(
