@@ -23,6 +23,7 @@ from tests.support.metrics import scrape, until, value
 from tests.support.model_servers import ModelServer
 from tests.support.processes import ServerChild, WorkerChild, settings_env
 from tests.worker.test_worker import strand_with_dead_worker
+from worker.__main__ import serve_metrics
 from worker.worker import Worker
 
 
@@ -122,3 +123,16 @@ def test_make_run_gives_each_worker_its_own_port_and_says_where(redis_url: str) 
         "worker 2 metrics: http://127.0.0.1:9102/metrics",
     ]
     assert off[0].endswith("off (METRICS_ENABLED=false)") and "WORKER_METRICS_PORT" in off[1]
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_the_worker(
+    worker_settings: Settings, metrics_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exiting on a port clash would have the launcher restart the worker into the same clash
+    forever while messages wait; the worker serves without metrics and says why."""
+    taken = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
+    settings = worker_settings.model_copy(update={"worker_metrics_port": taken})
+    assert serve_metrics(settings) is None
+    assert any(
+        r.levelname == "ERROR" and "WORKER_METRICS_PORT" in r.getMessage() for r in caplog.records
+    )
