@@ -156,7 +156,7 @@ class BatchEngine:
     @property
     def active(self) -> int:
         """Sequences holding a slot now (read by tests and the bench)."""
-        return len(self._active)
+        return sum(1 for generation in list(self._active) if generation.seq >= 0)
 
     # --- The decode loop (the engine thread only) ---------------------------------------------
 
