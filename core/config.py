@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: SecretStr | None = None
     openai_model: str = "default"
+    local_batch_slots: int = Field(
+        default=8, ge=1, description="local model: generations decoded together in one batch"
+    )
 
     # --- Limits and security (docs/security.md) ------------------------------------------------
     app_env: AppEnv = Field(

@@ -1,0 +1,244 @@
+"""Batched local generation: aggregate tokens/s of 1 session against N concurrent sessions.
+
+`python -m bench.batching [--quick] [--rounds R] [--tokens M] [--sessions N]`
+
+Alternates, R times, four measurements with the same N prompts (temperature 0, at most M
+tokens each, the worker's llama.cpp settings), all in this process and this run:
+
+- backend, 1 session: `LocalBackend.stream_reply` for one prompt, alone;
+- backend, N sessions: N `stream_reply` calls at once (continuous batching, one decode a step);
+- ceiling, 1 and N sequences: the same batched decode written directly against
+  llama-cpp-python's low-level API (prefill each prompt, then one `llama_decode` per step for
+  every unfinished sequence, greedy sampling), with no queue, thread hand-over or asyncio.
+
+Aggregate tokens/s = tokens produced by all sessions / wall time from the first request to the
+last end (prefill included). The goal is N sessions >= 3x one session; the ceiling shows what
+the CPU gives to the same batched decode without the backend around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.support import Table, command_line, machine_line, median, quiet_logging, ratio
+from core.config import Settings
+from core.models import Message, Source
+from worker.backends.local import LocalBackend, default_model_path
+from worker.prompt import chat_turns
+
+TOPICS = ["a lighthouse", "a cat", "the sea", "a train", "a garden", "a robot", "winter", "a city"]
+
+
+def prompt(i: int) -> str:
+    return f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+
+
+@dataclass(frozen=True)
+class Options:
+    rounds: int = 3
+    tokens: int = 128
+    sessions: int = 8
+
+
+QUICK = Options(rounds=1, tokens=24, sessions=4)
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+async def _backend_run(backend: LocalBackend, sessions: int) -> Run:
+    async def one(i: int) -> int:
+        history = [Message(source=Source.HUMAN, msg=prompt(i))]
+        return sum([1 async for _ in backend.stream_reply(history)])
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(sessions)))
+    return Run(sum(counts), time.perf_counter() - start)
+
+
+class Ceiling:
+    """The batched decode done directly with llama-cpp-python, as small as it can be."""
+
+    def __init__(self, settings: Settings, slots: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals, _logger
+
+        _logger.set_verbose(False)
+        self._llama: Any = llama_cpp
+        internals: Any = _internals
+        self._internals = internals
+        path = str(settings.local_model_path or default_model_path())
+        params = llama_cpp.llama_model_default_params()
+        self._model = internals.LlamaModel(path_model=path, params=params, verbose=False)
+        ctx = llama_cpp.llama_context_default_params()
+        ctx.n_ctx = settings.local_context_tokens * slots
+        ctx.n_seq_max = slots
+        ctx.kv_unified = True
+        ctx.n_batch = ctx.n_ubatch = 512
+        threads = settings.local_threads or max((os.cpu_count() or 2) // 2, 1)
+        ctx.n_threads = ctx.n_threads_batch = threads
+        self._ctx = internals.LlamaContext(model=self._model, params=ctx, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+        self._settings = settings
+
+    def _prompt_tokens(self, i: int) -> list[int]:
+        turns = chat_turns(
+            [Message(source=Source.HUMAN, msg=prompt(i))], self._settings.system_prompt
+        )
+        text = "".join(f"<|im_start|>{t['role']}\n{t['content']}<|im_end|>\n" for t in turns)
+        tokens: list[int] = self._model.tokenize(
+            (text + "<|im_start|>assistant\n").encode(), add_bos=False, special=True
+        )
+        return tokens
+
+    def run(self, sequences: int, max_tokens: int) -> Run:
+        """Prefill each prompt, then one decode per step for every unfinished sequence."""
+        llama, batch = self._llama, self._batch
+        greedy = self._internals.LlamaSampler()
+        greedy.add_greedy()
+        pos, last, counts = [0] * sequences, [0] * sequences, [0] * sequences
+
+        def keep(seq: int, token: int) -> bool:  # as the backend: a piece per non-EOG token
+            if llama.llama_vocab_is_eog(self._model.vocab, token):
+                return False
+            counts[seq] += 1
+            last[seq] = token
+            return counts[seq] < max_tokens
+
+        start = time.perf_counter()
+        live = []
+        for seq in range(sequences):
+            tokens = self._prompt_tokens(seq)
+            batch.reset()
+            batch.add_sequence(tokens, seq, False)
+            self._ctx.decode(batch)
+            pos[seq] = len(tokens)
+            if keep(seq, greedy.sample(self._ctx, len(tokens) - 1)):
+                live.append(seq)
+        while live:
+            raw = batch.batch
+            for j, seq in enumerate(live):
+                raw.token[j], raw.pos[j], raw.seq_id[j][0] = last[seq], pos[seq], seq
+                raw.n_seq_id[j], raw.logits[j] = 1, True
+                pos[seq] += 1
+            raw.n_tokens = len(live)
+            self._ctx.decode(batch)
+            live = [seq for j, seq in enumerate(live) if keep(seq, greedy.sample(self._ctx, j))]
+        seconds = time.perf_counter() - start
+        for seq in range(sequences):
+            llama.llama_memory_seq_rm(self._ctx.memory, seq, -1, -1)
+        greedy.close()
+        return Run(sum(counts), seconds)
+
+    def close(self) -> None:
+        self._batch.close()
+        self._ctx.close()
+        self._model.close()
+
+
+@dataclass
+class Result:
+    backend_one: list[Run]
+    backend_many: list[Run]
+    ceiling_one: list[Run]
+    ceiling_many: list[Run]
+
+
+def run(options: Options) -> Result:
+    settings = Settings(
+        _env_file=None,
+        model_temperature=0,
+        model_max_new_tokens=options.tokens,
+        local_batch_slots=options.sessions,
+    )
+    result = Result([], [], [], [])
+    ceiling = Ceiling(settings, options.sessions)
+
+    async def rounds() -> None:
+        backend = LocalBackend(settings)
+        await backend.start()
+        try:
+            await _backend_run(backend, 1)  # warm-up
+            ceiling.run(1, 8)
+            for _ in range(options.rounds):
+                result.backend_one.append(await _backend_run(backend, 1))
+                result.backend_many.append(await _backend_run(backend, options.sessions))
+                result.ceiling_one.append(ceiling.run(1, options.tokens))
+                result.ceiling_many.append(ceiling.run(options.sessions, options.tokens))
+        finally:
+            await backend.aclose()
+
+    try:
+        asyncio.run(rounds())
+    finally:
+        ceiling.close()
+    return result
+
+
+def table(result: Result, options: Options) -> Table:
+    n = options.sessions
+    out = Table(
+        f"Batching: SmolLM2-135M (llama.cpp), temperature 0, up to {options.tokens} tokens, "
+        f"1 vs {n} sessions, median of {options.rounds} round(s)",
+        ["measure", "tokens", "seconds", "aggregate tokens/s", f"{n} vs 1", "vs ceiling"],
+    )
+    rows = [
+        ("LocalBackend, 1 session", result.backend_one, result.backend_one, result.ceiling_one),
+        (f"LocalBackend, {n} sessions", result.backend_many, result.backend_one,
+         result.ceiling_many),
+        ("ceiling (llama-cpp-python direct), 1 sequence", result.ceiling_one,
+         result.ceiling_one, result.ceiling_one),
+        (f"ceiling (llama-cpp-python direct), {n} sequences", result.ceiling_many,
+         result.ceiling_one, result.ceiling_many),
+    ]  # fmt: skip
+    for name, runs, base, ceiling in rows:
+        rate = median([r.rate for r in runs])
+        base_rate = median([r.rate for r in base])
+        out.add(
+            name,
+            median([float(r.tokens) for r in runs]),
+            median([r.seconds for r in runs]),
+            rate,
+            f"{rate / base_rate:.2f}x" if base_rate == base_rate and base_rate else "n/a",
+            ratio(rate, median([r.rate for r in ceiling])),
+        )
+    many = median([r.rate for r in result.backend_many])
+    one = median([r.rate for r in result.backend_one])
+    out.notes.append(f"goal: {n} sessions >= 3x the aggregate tokens/s of 1 -> {many / one:.2f}x")
+    out.notes.append(
+        "per round (backend 1 / backend N / ceiling 1 / ceiling N tokens/s): "
+        + ", ".join(
+            f"{a.rate:.0f}/{b.rate:.0f}/{c.rate:.0f}/{d.rate:.0f}"
+            for a, b, c, d in zip(
+                result.backend_one,
+                result.backend_many,
+                result.ceiling_one,
+                result.ceiling_many,
+                strict=True,
+            )
+        )
+    )
+    out.notes.append(machine_line())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = command_line(__doc__, Options(), QUICK, ("rounds", "tokens", "sessions"), argv)
+    with quiet_logging():
+        table(run(options), options).print()
+
+
+if __name__ == "__main__":
+    main()
