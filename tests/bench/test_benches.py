@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import idle_sockets, pipeline, scaleout, streaming
+from bench import batching, idle_sockets, pipeline, scaleout, streaming
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
@@ -65,3 +65,11 @@ def test_scaleout_bench_smallest() -> None:
     (row,) = scaleout.run(options)
     assert row.load.ok and row.load.errors == 0
     assert "replies/s" in scaleout.table([row], options).render()
+
+
+def test_batching_bench_smallest() -> None:
+    options = batching.Options(rounds=1, tokens=8, sessions=2)
+    result = batching.run(options)
+    for runs in (result.backend_one, result.backend_many, result.ceiling_one, result.ceiling_many):
+        assert runs and all(r.tokens > 0 for r in runs)
+    assert "LocalBackend, 2 sessions" in batching.table(result, options).render()
