@@ -5,7 +5,8 @@
 The bench model server answers every request after a fixed delay, so a worker that keeps many
 generations in flight (WORKER_CONCURRENCY; unset, the openai backend's default of 256) is not
 limited by the model. N sessions, spread over the servers, each send their next message as soon
-as the last one is answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) / delay replies/s.
+as the last one is answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) /
+delay replies/s.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import idle_sockets, pipeline, scaleout, streaming
+from bench import idle_sockets, pipeline, scaleout, streaming, users
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
@@ -65,3 +65,11 @@ def test_scaleout_bench_smallest() -> None:
     (row,) = scaleout.run(options)
     assert row.load.ok and row.load.errors == 0
     assert "replies/s" in scaleout.table([row], options).render()
+
+
+def test_users_bench_smallest() -> None:
+    options = users.Options(users=2, messages=2, delay=0.05)
+    rows = users.run(options)
+    assert [row.concurrency for row in rows] == [users.OLD_DEFAULT, None]
+    assert all(row.delivered == 4 for row in rows)
+    assert "replies/s" in users.table(rows, options).render()
