@@ -95,7 +95,6 @@ class DeltaPublisher:
         self._timer: asyncio.TimerHandle | None = None
         self._timed: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self.published = 0
 
     async def add(self, piece: str) -> None:
         self._raise_failure()
@@ -140,7 +139,6 @@ class DeltaPublisher:
             self._last_sent = asyncio.get_running_loop().time()
             event = DeltaEvent(id=self._reply_id, reply_to=self._reply_to, delta=delta)
             await self._store.publish_delta(self._token, event)
-            self.published += 1
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
