@@ -118,11 +118,12 @@ async def test_flush_ms_zero_publishes_every_piece(redis: Redis, settings: Setti
 async def test_pieces_before_a_pause_are_flushed_by_time_not_held(
     redis: Redis, settings: Settings
 ) -> None:
-    settings = settings.model_copy(update={"token_flush_ms": 30})
-    backend = PacedBackend(["a", "b", "c"], pause=0, tail=["d"], tail_wait=1.5)
+    # A long interval, so "b" and "c" surely come within it even on a loaded machine.
+    settings = settings.model_copy(update={"token_flush_ms": 300})
+    backend = PacedBackend(["a", "b", "c"], pause=0, tail=["d"], tail_wait=3.0)
     store, _ = await answer(redis, settings, backend)
     deltas = store.deltas()
-    # "b" and "c" come within the flush interval of "a", then the model pauses 1.5 s: they are
+    # "b" and "c" come within the flush interval of "a", then the model pauses 3 s: they are
     # published by the timer during the pause, not with "d".
     assert deltas == ["a", "bc", "d"], deltas
 
