@@ -32,7 +32,9 @@ class Reply:
     first_token: float | None = None
     last_token: float | None = None
     done: float | None = None
+    #: `token` events received; each may hold several model tokens (TOKEN_FLUSH_MS).
     tokens: int = 0
+    text: str = ""
     error: str | None = None
     finished: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -99,6 +101,7 @@ class ChatSocket:
                     reply = self._by_id.get(event["reply_to"])
                     if reply is not None:
                         reply.tokens += 1
+                        reply.text += event["delta"]
                         reply.last_token = now
                         if reply.first_token is None:
                             reply.first_token = now

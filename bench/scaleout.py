@@ -3,9 +3,10 @@
 `python -m bench.scaleout [--quick] [--sessions N] [--seconds S] [--delay D]`
 
 The bench model server answers every request after a fixed delay, so a worker that keeps many
-generations in flight (WORKER_CONCURRENCY, 8 by default) is not limited by the model. N
-sessions, spread over the servers, each send their next message as soon as the last one is
-answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) / delay replies/s.
+generations in flight (WORKER_CONCURRENCY; unset, the openai backend's default of 256) is not
+limited by the model. N sessions, spread over the servers, each send their next message as soon
+as the last one is answered. Ceiling for each layout: min(N, workers x WORKER_CONCURRENCY) /
+delay replies/s.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from bench.support import (
     stack_env,
 )
 from core.config import Settings
+from worker.backends.openai_compat import ChatCompletionsBackend
 
-SLOTS = Settings(_env_file=None).worker_concurrency
+# The openai backend's slots on default settings (WORKER_CONCURRENCY unset: its own default).
+SLOTS = Settings(_env_file=None).worker_concurrency or ChatCompletionsBackend.default_concurrency
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,14 @@ at most M tokens, the worker's own llama.cpp settings):
 
 - the model alone: llama-cpp-python in this process, as `worker/backends/local.py` calls it;
 - through the whole stack: a new session over a real socket to `python -m server`, Redis and
-  `python -m worker` with MODEL_BACKEND=local, timing the `token` events the client receives.
+  `python -m worker` with MODEL_BACKEND=local, timing the `token` events the client receives;
+  once with coalesced token events (TOKEN_FLUSH_MS default) and once with TOKEN_FLUSH_MS=0
+  (every model token its own PUBLISH), each its own worker.
 
 Tokens/s = (tokens - 1) / (last token - first token); time to first token from the call (model)
-or from sending the message (client). Medians over the rounds are compared.
+or from sending the message (client). Through the stack a `token` event may hold several model
+tokens, so the tokens are counted by tokenizing the text received with the model's tokenizer.
+PUBLISH calls per reply come from Redis's INFO commandstats. Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import redis
 
 from bench.client import ChatSocket, new_sessions
 from bench.support import (
@@ -56,6 +62,8 @@ class Timing:
     tokens: int
     tokens_per_s: float
     ack_ms: float = float("nan")  # through the stack: the message stored, queued, announced
+    events: int = 0  # through the stack: `token` events received
+    publishes: int = 0  # through the stack: PUBLISH calls Redis ran meanwhile (all sessions)
 
 
 def _rate(tokens: int, first: float, last: float) -> float:
@@ -95,31 +103,48 @@ class ModelAlone:
                 tokens += 1
         return Timing(1000 * (first - start), tokens, _rate(tokens, first, last))
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))
+
     def close(self) -> None:
         self._llm.close()
 
 
-async def _through_stack(http: str) -> Timing:
+def _publishes(redis_port: int) -> int:
+    client = redis.Redis(port=redis_port)
+    try:
+        stats: Any = client.info("commandstats")
+        return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+async def _through_stack(http: str, model: ModelAlone, redis_port: int) -> Timing:
     (token,) = await new_sessions(http, 1)
     chat = await ChatSocket.open(http.replace("http://", "ws://"), token)
+    before = _publishes(redis_port)
     try:
         reply = await chat.ask(PROMPT)
     finally:
         await chat.close()
     if reply.error is not None or reply.first_token is None or reply.last_token is None:
         raise RuntimeError(f"the stack did not stream a reply: {reply.error}")
+    tokens = model.count_tokens(reply.text)
     return Timing(
         1000 * (reply.first_token - reply.sent),
-        reply.tokens,
-        _rate(reply.tokens, reply.first_token, reply.last_token),
+        tokens,
+        _rate(tokens, reply.first_token, reply.last_token),
         1000 * (reply.acked - reply.sent) if reply.acked is not None else float("nan"),
+        events=reply.tokens,
+        publishes=_publishes(redis_port) - before,
     )
 
 
 @dataclass
 class Result:
     model: list[Timing]
-    stack: list[Timing]
+    stack: list[Timing]  # coalesced (TOKEN_FLUSH_MS default)
+    uncoalesced: list[Timing] = field(default_factory=list)  # TOKEN_FLUSH_MS=0
 
 
 def run(options: Options) -> Result:
@@ -131,17 +156,24 @@ def run(options: Options) -> Result:
     )
     result = Result([], [])
     with Bench("streaming") as bench:
-        env = stack_env(bench.redis.url, bench.new_prefix(), MODEL_BACKEND="local", **overrides)
-        worker = bench.worker(env)
-        _server, http = bench.server(env)
-        bench.wait_workers([worker])
+        port = bench.redis.port
+        https = []
+        for flush in ({}, {"TOKEN_FLUSH_MS": "0"}):
+            env = stack_env(
+                bench.redis.url, bench.new_prefix(), MODEL_BACKEND="local", **overrides, **flush
+            )
+            worker = bench.worker(env)
+            https.append(bench.server(env)[1])
+            bench.wait_workers([worker])
         model = ModelAlone(settings)
         try:
-            model.generate()  # warm-up, as the worker's first reply below
-            asyncio.run(_through_stack(http))
+            model.generate()  # warm-up, as the workers' first replies below
+            for http in https:
+                asyncio.run(_through_stack(http, model, port))
             for _ in range(options.rounds):
                 result.model.append(model.generate())
-                result.stack.append(asyncio.run(_through_stack(http)))
+                result.stack.append(asyncio.run(_through_stack(https[0], model, port)))
+                result.uncoalesced.append(asyncio.run(_through_stack(https[1], model, port)))
         finally:
             model.close()
     return result
@@ -151,16 +183,24 @@ def table(result: Result, options: Options) -> Table:
     out = Table(
         f"Streaming: SmolLM2-135M (llama.cpp), temperature 0, up to {options.tokens} tokens, "
         f"median of {options.rounds} round(s)",
-        ["measure", "tokens", "tokens/s", "first token ms", "vs model alone"],
-    )
+        ["measure", "tokens", "tokens/s", "first token ms", "vs model alone", "token events",
+         "PUBLISH per reply"],
+    )  # fmt: skip
     model_rate = median([t.tokens_per_s for t in result.model])
     model_first = median([t.first_token_ms for t in result.model])
     stack_rate = median([t.tokens_per_s for t in result.stack])
     stack_first = median([t.first_token_ms for t in result.stack])
     out.add("model alone (in-process)", median([t.tokens for t in result.model]), model_rate,
-            model_first, "")  # fmt: skip
-    out.add("client through server, Redis, worker", median([t.tokens for t in result.stack]),
-            stack_rate, stack_first, ratio(stack_rate, model_rate))  # fmt: skip
+            model_first, "", "", "")  # fmt: skip
+    for name, timings in (
+        ("client through the stack, coalesced (TOKEN_FLUSH_MS default)", result.stack),
+        ("client through the stack, TOKEN_FLUSH_MS=0", result.uncoalesced),
+    ):
+        rate = median([t.tokens_per_s for t in timings])
+        out.add(name, median([t.tokens for t in timings]), rate,
+                median([t.first_token_ms for t in timings]), ratio(rate, model_rate),
+                median([t.events for t in timings]),
+                median([t.publishes for t in timings]))  # fmt: skip
     added = stack_first - model_first
     out.notes.append(
         f"goal: >= 95% of the model's tokens/s -> {ratio(stack_rate, model_rate)}; "

@@ -91,7 +91,12 @@ class Settings(BaseSettings):
     )
 
     # --- Worker ------------------------------------------------------------------------------
-    worker_concurrency: int = Field(default=8, ge=1, description="generations in flight per worker")
+    worker_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="generations in flight per worker; unset = the backend's default "
+        "(openai, huggingface: 256; local: what it can batch)",
+    )
     worker_lease_seconds: float = Field(
         default=15.0, gt=0.2, description="session lease and idle time before reclaiming"
     )
@@ -107,6 +112,12 @@ class Settings(BaseSettings):
         le=65535,
         description="a worker's /metrics port at METRICS_HOST; 0 = off (`make run`: the first "
         "worker's, the next ones count up)",
+    )
+    token_flush_ms: int = Field(
+        default=30,
+        ge=0,
+        description="a streaming reply's pieces are sent at most this often (the first at "
+        "once); 0 = every piece as it comes",
     )
 
     # --- Model -------------------------------------------------------------------------------

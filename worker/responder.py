@@ -79,6 +79,86 @@ class Failed:
 Outcome = Finished | Stopped | LeaseWasLost | Failed
 
 
+class DeltaPublisher:
+    """Sends a reply's pieces as `token` events, coalesced: the first piece at once, the later
+    ones at most every TOKEN_FLUSH_MS (buffered, flushed by a timer), so a fast model costs a
+    PUBLISH per interval instead of one per token, and a pause in the model does not hold the
+    text back longer than the interval.
+
+    Publishes go one at a time under a lock, so token events keep their order. `flush` sends
+    the rest (call it before storing the reply, whose `message` event must come last); `drop`
+    discards it (a lost lease: the session belongs to another worker now). A failed timed
+    publish is raised by the next `add` or `flush`.
+    """
+
+    def __init__(
+        self, store: SessionStore, token: str, reply_id: str, reply_to: str, interval: float
+    ) -> None:
+        self._store, self._token = store, token
+        self._reply_id, self._reply_to = reply_id, reply_to
+        self._interval = interval
+        self._buffer: list[str] = []
+        self._last_sent: float | None = None
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    async def add(self, piece: str) -> None:
+        self._raise_failure()
+        self._buffer.append(piece)
+        now = asyncio.get_running_loop().time()
+        if self._last_sent is None or now - self._last_sent >= self._interval:
+            self._cancel_timer()
+            await self._send()
+        elif self._timer is None:
+            delay = self._last_sent + self._interval - now
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    async def flush(self) -> None:
+        self._cancel_timer()
+        if self._timed is not None:
+            await asyncio.wait({self._timed})
+        self._raise_failure()
+        await self._send()
+
+    def drop(self) -> None:
+        self._cancel_timer()
+        if self._timed is not None:
+            self._timed.cancel()
+        self._buffer.clear()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timed = asyncio.create_task(self._send_timed())
+
+    async def _send_timed(self) -> None:
+        try:
+            await self._send()
+        except Exception as exc:  # handed to the generation: raised by its next add or flush
+            self._failure = exc
+
+    async def _send(self) -> None:
+        async with self._lock:
+            if not self._buffer:
+                return
+            delta = "".join(self._buffer)
+            self._buffer.clear()
+            self._last_sent = asyncio.get_running_loop().time()
+            event = DeltaEvent(id=self._reply_id, reply_to=self._reply_to, delta=delta)
+            await self._store.publish_delta(self._token, event)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+
 def recent_window(settings: Settings) -> int:
     """How many of the newest messages the worker reads for each answer: the prompt's history
     plus room for the messages still waiting (each with the reply stored after it), so the due
@@ -184,9 +264,17 @@ class Responder:
         history = conversation_until(turn.messages, turn.human.id)[-limit:]
         reply = Message(id=new_id(), source=Source.BOT, msg="", reply_to=turn.human.id)
         parts: list[str] = []
-        outcome = await self._generate(turn, reply, history, parts)
-        if isinstance(outcome, LeaseWasLost):
-            raise LeaseLost(turn.token)
+        interval = self._settings.token_flush_ms / 1000
+        publisher = DeltaPublisher(self._store, turn.token, reply.id, turn.human.id, interval)
+        try:
+            outcome = await self._generate(turn, publisher, history, parts)
+            if isinstance(outcome, LeaseWasLost):
+                raise LeaseLost(turn.token)
+            # Stopped, capped, failed or finished: the text streamed so far all goes out
+            # before the stored reply's `message` event.
+            await publisher.flush()
+        finally:
+            publisher.drop()  # a lost lease, an outage, a shutdown: the rest is not sent
         reply.msg = "".join(parts).strip()
         reply.timestamp = utcnow()
         if isinstance(outcome, Failed):
@@ -214,7 +302,10 @@ class Responder:
             logger.info("reply to %s not stored: %s", reply.reply_to, stored.name)
 
     async def _stream(
-        self, turn: Turn, reply: Message, history: Sequence[Message], parts: list[str]
+        self,
+        publisher: DeltaPublisher,
+        history: Sequence[Message],
+        parts: list[str],
     ) -> bool:
         """Stream the model's reply into `parts` and to the session's sockets; True when it
         reached MAX_REPLY_CHARS and was cut there (the generation is then cancelled)."""
@@ -230,8 +321,7 @@ class Responder:
                         FIRST_TOKEN_SECONDS.observe(time.monotonic() - started)
                         first = False
                     parts.append(piece)
-                    event = DeltaEvent(id=reply.id, reply_to=turn.human.id, delta=piece)
-                    await self._store.publish_delta(turn.token, event)
+                    await publisher.add(piece)
                 if room <= 0:
                     return True
             return False
@@ -241,12 +331,16 @@ class Responder:
                 await close()
 
     async def _generate(
-        self, turn: Turn, reply: Message, history: Sequence[Message], parts: list[str]
+        self,
+        turn: Turn,
+        publisher: DeltaPublisher,
+        history: Sequence[Message],
+        parts: list[str],
     ) -> Outcome:
         """Run the generation until it ends, is stopped, loses its lease or times out."""
         if turn.stop.is_set():
             return Stopped()
-        generation = asyncio.create_task(self._stream(turn, reply, history, parts))
+        generation = asyncio.create_task(self._stream(publisher, history, parts))
         stopped = asyncio.create_task(turn.stop.wait())
         lost = asyncio.create_task(turn.lease.lost.wait())
         timeout = self._settings.model_timeout_seconds

@@ -51,6 +51,14 @@ SESSIONS_PER_SLOT = 4
 ENTRIES_PER_SESSION_ROOM = 16
 
 
+def generation_slots(settings: Settings, backend: ModelBackend) -> int:
+    """Generations run at once: WORKER_CONCURRENCY when set, else the backend's default (a
+    remote API wants hundreds in flight, a local model what it can batch), never more than the
+    backend can run."""
+    wanted = settings.worker_concurrency or backend.default_concurrency
+    return min(wanted, backend.max_concurrency or wanted)
+
+
 class WorkerFailed(RuntimeError):
     """One of the worker's loops failed; the worker stopped (after handing back its work)."""
 
@@ -122,7 +130,7 @@ class Worker:
         redis = create_redis(self.settings)
         try:
             await backend.start()
-            slots = min(self.settings.worker_concurrency, backend.max_concurrency or 1 << 30)
+            slots = generation_slots(self.settings, backend)
             self._slots = asyncio.Semaphore(slots)
             self._max_sessions = slots * SESSIONS_PER_SLOT
             store = SessionStore(redis, self.settings, self.keys)

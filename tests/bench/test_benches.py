@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench import batching, idle_sockets, pipeline, scaleout, streaming
+from bench import batching, idle_sockets, pipeline, scaleout, streaming, users
+
+
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,7 @@ def test_streaming_bench_smallest() -> None:
     options = streaming.Options(rounds=1, tokens=4)
     result = streaming.run(options)
     assert result.model[0].tokens > 0 and result.stack[0].tokens > 0
+    assert result.uncoalesced[0].publishes >= result.stack[0].publishes
     assert "model alone" in streaming.table(result, options).render()
 
 
@@ -73,3 +76,11 @@ def test_batching_bench_smallest() -> None:
     for runs in (result.backend_one, result.backend_many, result.ceiling_one, result.ceiling_many):
         assert runs and all(r.tokens > 0 for r in runs)
     assert "LocalBackend, 2 sessions" in batching.table(result, options).render()
+
+
+def test_users_bench_smallest() -> None:
+    options = users.Options(users=2, messages=2, delay=0.05)
+    rows = users.run(options)
+    assert [row.concurrency for row in rows] == [users.OLD_DEFAULT, None]
+    assert all(row.delivered == 4 for row in rows)
+    assert "replies/s" in users.table(rows, options).render()

@@ -45,6 +45,11 @@ class ModelBackend(abc.ABC):
 
     #: How many generations this backend can usefully run at once (None: no limit of its own).
     max_concurrency: int | None = None
+    #: Generations in flight per worker when WORKER_CONCURRENCY is unset. A remote API answers
+    #: hundreds of requests at once and each generation mostly waits on the network, so the
+    #: default is high; a backend bound by its own hardware caps it with `max_concurrency`
+    #: (the local model: what it can batch).
+    default_concurrency: int = 256
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load or connect; called once at worker startup."""
