@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 
 from bench import batching, idle_sockets, pipeline, scaleout, streaming, users
-
-
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
