@@ -118,9 +118,11 @@ async def drive(
     notes: str = "",
     text_for: Any = texts,
     expected: Any = None,
+    record: bool = True,
 ) -> FaultRun:
     """Start every user, run them all with `during` (the fault injector) alongside, and tally
-    the final histories. `during` gets an event that is set once every user is done."""
+    the final histories. `during` gets an event that is set once every user is done. `record`
+    False: no row in the fault table (a run that reports in another table)."""
     started = time.monotonic()
     await asyncio.gather(*(user.start() for user in people))
     loads = [asyncio.create_task(u.run(text_for(n, messages))) for n, u in enumerate(people)]
@@ -137,7 +139,7 @@ async def drive(
         await asyncio.gather(*loads, *([injector] if injector else []), return_exceptions=True)
     seconds = time.monotonic() - started
     histories = [await user.final_history() for user in people]
-    kwargs: dict[str, Any] = {"notes": notes}
+    kwargs: dict[str, Any] = {"notes": notes, "record": record}
     if expected is not None:
         kwargs["expected"] = expected
     return tally(fault, people, histories, seconds, **kwargs)

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import websockets
@@ -26,9 +25,8 @@ from core.redis import create_redis
 from launcher.redis_server import EmbeddedRedis, free_port
 from tests.conftest import make_settings
 from tests.support.chat_client import ChatUser
-from tests.support.cluster import Cluster, fault_env, texts, users
+from tests.support.cluster import Cluster, drive, fault_env, users
 from tests.support.hostile import HostileRun, record
-from tests.support.ledger import FaultRun, tally
 from tests.support.model_servers import ModelServer, ModelServerBehaviour
 
 pytestmark = pytest.mark.slow
@@ -49,25 +47,6 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     )
     with server:
         yield server
-
-
-async def run_users(case: str, people: list[ChatUser], count: int, during: Any) -> FaultRun:
-    """Like tests/support/cluster.drive, without adding a row to the fault table."""
-    started = time.monotonic()
-    await asyncio.gather(*(user.start() for user in people))
-    loads = [asyncio.gather(u.run(texts(n, count))) for n, u in enumerate(people)]
-    done = asyncio.Event()
-    injector = asyncio.ensure_future(during(done))
-    try:
-        await asyncio.gather(*loads)
-        done.set()
-        await injector
-    finally:
-        for task in [*loads, injector]:
-            task.cancel()
-        await asyncio.gather(*loads, injector, return_exceptions=True)
-    histories = [await user.final_history() for user in people]
-    return tally(case, people, histories, time.monotonic() - started, record=False)
 
 
 def saw(people: list[ChatUser]) -> str:
@@ -106,7 +85,7 @@ async def refusal_row(
     try:
         await asyncio.gather(cluster.add_server(), cluster.add_server())
         await asyncio.gather(cluster.add_worker(), cluster.add_worker())
-        run = await run_users(case, people, 6, inject)
+        run = await drive(case, people, 6, during=inject, record=False)
         assert run.lost == 0, run
         run.assert_clean(history_only=False)
         assert all(c.process.poll() is None for c in [*cluster.servers, *cluster.workers])
