@@ -11,10 +11,10 @@ records), what the client saw, and any measured figure (RSS, latency) in `figure
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+from tests.support.ledger import aligned
 
 
 @dataclass
@@ -45,10 +45,4 @@ def table(runs: Sequence[HostileRun]) -> list[str]:
         values = asdict(run)
         values["figures"] = ", ".join(f"{k}={v}" for k, v in run.figures.items()) or "-"
         rows.append([str(values[c]) for c in COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-
-
-def write_report(path: Path, runs: Sequence[HostileRun]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n", encoding="utf-8")
+    return aligned(rows)

@@ -154,7 +154,8 @@ def tally(
     return run
 
 
-def write_report(path: Path, runs: Sequence[FaultRun]) -> None:
+def write_report(path: Path, runs: Sequence[Any]) -> None:
+    """The runs (dataclasses: fault runs, hostile runs) as a JSON list."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n", encoding="utf-8")
 
@@ -182,5 +183,10 @@ def table(runs: Sequence[FaultRun]) -> list[str]:
         values = asdict(run)
         values["errors"] = ",".join(f"{k}:{v}" for k, v in run.errors.items()) or "-"
         rows.append([str(values[c]) for c in COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return aligned(rows)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells (the first one the header) as lines with the columns aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]

@@ -24,5 +24,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("hostile clients and environments (tests/support/hostile.py)")
         for line in hostile.table(hostile.RUNS):
             terminalreporter.write_line(line)
-        hostile.write_report(REPORTS / "hostile.json", hostile.RUNS)
+        ledger.write_report(REPORTS / "hostile.json", hostile.RUNS)
         terminalreporter.write_line(f"written to {REPORTS / 'hostile.json'}")
