@@ -25,6 +25,7 @@ DEV_ORIGINS = [
     f"http://{host}:{port}" for port in (5173, 4173) for host in ("localhost", "127.0.0.1")
 ]
 HfApiForm = Literal["chat", "text-generation"]
+Registration = Literal["open", "admin"]
 
 
 class Settings(BaseSettings):
@@ -201,6 +202,28 @@ class Settings(BaseSettings):
     )
     socket_send_timeout_seconds: float = Field(
         default=5.0, gt=0, description="a socket that takes longer to accept a frame is closed"
+    )
+
+    # --- Accounts and the HTTP API (v1, docs/protocol.md) -------------------------------------
+    registration: Registration = Field(
+        default="open",
+        description="who may create accounts (POST /v1/users): open = anyone, admin = only "
+        "with MASTER_TOKEN",
+    )
+    master_token: SecretStr | None = Field(
+        default=None, description="bearer token of the admin routes; unset = no admin routes"
+    )
+    rate_limit_register_requests: int = Field(
+        default=20, ge=0, description="POST /v1/users per window per client address; 0 = no limit"
+    )
+    http_reply_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="POST /v1/chat waits this long for the reply, then answers 504 (the reply "
+        "is still stored when it comes)",
+    )
+    conversations_page_size: int = Field(
+        default=20, ge=1, le=100, description="GET /v1/conversations rows per page by default"
     )
 
     # --- Logging -----------------------------------------------------------------------------

@@ -74,3 +74,24 @@ class Keys:
         """Rate-limit state (a GCRA "theoretical arrival time", ms) for one kind and subject:
         `msg-session`/token, `msg-address`/address, `http-token`/address, ..."""
         return f"{self.prefix}:rate:{kind}:{subject}"
+
+    # --- Accounts (API v1): core/accounts.py writes these. ------------------------------------
+    # A user's keys share the hash tag `{user_id}`, so on a Redis Cluster they sit in one slot
+    # and an account's own steps stay atomic; the key-hash lookup cannot, and is written apart.
+
+    def user(self, user_id: str) -> str:
+        """Hash of one account: name, created (ISO-8601), key_hash."""
+        return f"{self.prefix}:user:{{{user_id}}}"
+
+    def user_conversations(self, user_id: str) -> str:
+        """Sorted set of a user's conversations: member = token, score = last activity (ms)."""
+        return f"{self.prefix}:conversations:{{{user_id}}}"
+
+    def api_key(self, key_hash: str) -> str:
+        """The user id an API key (by its SHA-256, hex) belongs to."""
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    @property
+    def users(self) -> str:
+        """Sorted set of every account: member = user id, score = creation time (ms)."""
+        return f"{self.prefix}:users"

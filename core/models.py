@@ -84,6 +84,8 @@ class Message(BaseModel):
     stopped: bool | None = None
     # A reply that failed is stored too, so every message gets exactly one answer in history.
     error: ReplyError | None = None
+    # A bot reply: prompt plus completion tokens (the backend's count when it reports one).
+    tokens_used: int | None = None
 
     @property
     def is_human(self) -> bool:
@@ -91,12 +93,37 @@ class Message(BaseModel):
 
 
 class Session(BaseModel):
-    """A chat session: the RedisJSON document behind a token."""
+    """A chat session: the RedisJSON document behind a token. A session is also a
+    conversation (API v1): its id is the token. `title` and `user_id` are left out of a
+    tutorial session's JSON until they are set (answers drop None fields)."""
 
     token: str
     name: str
     session_start: datetime
     messages: list[Message] = Field(default_factory=list)
+    # Set from the first message unless the user set one (PATCH, `/title`).
+    title: str | None = None
+    # The account that owns the conversation; None for an anonymous one (the token is its key).
+    user_id: str | None = None
+
+
+class User(BaseModel):
+    """An account (API v1). Its API key is shown once, at registration, and stored only as a
+    SHA-256 hash (core/accounts.py)."""
+
+    user_id: str
+    name: str
+    created: datetime
+
+
+class ConversationSummary(BaseModel):
+    """One row of `GET /v1/conversations`."""
+
+    conversation_id: str
+    title: str | None = None
+    created: datetime
+    updated: datetime
+    message_count: int
 
 
 # --- Server -> client events -----------------------------------------------------------------
@@ -143,6 +170,7 @@ class MessageEvent(BaseModel):
     msg: str
     timestamp: datetime
     stopped: bool | None = None
+    tokens_used: int | None = None
 
 
 class ErrorEvent(BaseModel):
@@ -165,7 +193,51 @@ class NoticeEvent(BaseModel):
     detail: str
 
 
-def dump_event(event: AckEvent | DeltaEvent | MessageEvent | ErrorEvent | NoticeEvent) -> str:
+class HistoryEvent(BaseModel):
+    """Sent first on a socket opened with `?history=1`: the session document as it was."""
+
+    type: Literal["history"] = "history"
+    session: Session
+
+
+class ConversationChange(StrEnum):
+    TITLE = "title"
+    RESET = "reset"
+    DELETED = "deleted"
+
+
+class ConversationEvent(BaseModel):
+    """A change to the conversation itself (from the API or a slash command), sent to every
+    socket of the session; `deleted` is followed by a close with 1008."""
+
+    type: Literal["conversation"] = "conversation"
+    change: ConversationChange
+    title: str | None = None
+
+
+class CommandEvent(BaseModel):
+    """The answer to a slash command (`/help`, `/reset`, `/stop`, `/title`), to the socket
+    that sent it only. Never stored as a chat message."""
+
+    type: Literal["command"] = "command"
+    command: str
+    detail: str
+    title: str | None = None
+
+
+Event = (
+    AckEvent
+    | DeltaEvent
+    | MessageEvent
+    | ErrorEvent
+    | NoticeEvent
+    | HistoryEvent
+    | ConversationEvent
+    | CommandEvent
+)
+
+
+def dump_event(event: Event) -> str:
     return event.model_dump_json(exclude_none=True)
 
 
@@ -180,4 +252,5 @@ def reply_event(reply: Message) -> MessageEvent | ErrorEvent:
         msg=reply.msg,
         timestamp=reply.timestamp,
         stopped=reply.stopped,
+        tokens_used=reply.tokens_used,
     )
