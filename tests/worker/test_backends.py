@@ -440,3 +440,22 @@ def test_http_failure_maps_status_to_retry_or_final_failure(
         detail = failure.detail
     for word in words:
         assert word in detail
+
+
+async def test_a_tutorial_model_url_is_asked_in_the_text_generation_form(
+    model_server: ModelServer, history: list[Message]
+) -> None:
+    """MODEL_URL=.../models/<id> with HF_API left at its default: the tutorial's form, posted
+    to the model's address, not to `.../models/<id>/chat/completions`."""
+    settings = make_settings(
+        NO_REDIS, model_backend="huggingface", model_url=model_server.hf_model_url
+    )
+    backend = create_backend(settings)
+    await backend.start()
+    try:
+        reply = "".join(await collect(backend, history))
+    finally:
+        await backend.aclose()
+    assert reply.strip() == ECHO
+    assert [r.path for r in model_server.received] == [f"/models/{model_server.model_id}"]
+    assert model_server.requests[0]["inputs"] == PROMPT

@@ -8,7 +8,9 @@ Two forms, chosen by HF_API:
   TGI server), through `huggingface_hub.AsyncInferenceClient`. The reply is cut at the first
   "Human:" as it streams.
 
-MODEL_URL overrides the address in both forms.
+MODEL_URL overrides the address in both forms. A MODEL_URL that is a model's address
+(`.../models/<id>`, the tutorial's) means the text-generation form when HF_API is unset, and is
+refused at start with HF_API=chat (core/config.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def create_huggingface_backend(settings: Settings) -> ModelBackend:
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    if settings.hf_api == "chat":
+    if settings.hf_form == "chat":
         return ChatCompletionsBackend(
             settings, base_url=settings.hf_endpoint, api_key=token, model=settings.hf_model
         )
