@@ -189,7 +189,7 @@ def test_other_model_urls_keep_the_chat_form(url: str) -> None:
 
 
 def test_chat_set_on_purpose_with_a_model_address_is_refused() -> None:
-    with pytest.raises(ValidationError, match="HF_API=chat with MODEL_URL=.*text-generation"):
+    with pytest.raises(ValidationError, match=r"HF_API=chat with MODEL_URL=.*text-generation"):
         Settings(_env_file=None, hf_api="chat", model_url=TUTORIAL_MODEL_URL)
     settings = Settings(_env_file=None, hf_api="text-generation", model_url=TUTORIAL_MODEL_URL)
     assert settings.hf_form == "text-generation"
