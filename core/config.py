@@ -29,6 +29,7 @@ DEV_ORIGINS = [
 HfApiForm = Literal["chat", "text-generation"]
 Registration = Literal["open", "admin"]
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+MIN_PROMPT_TOKENS = 32  # what the context must keep for the prompt after the reply's room
 # The tutorial's MODEL_URL: a model's address on the Inference API, `.../models/<org>/<name>`,
 # which answers the text-generation form only.
 _MODEL_ADDRESS = re.compile(r"/models/[^/]+(/[^/]+)?/?$")
@@ -299,6 +300,21 @@ class Settings(BaseSettings):
                 "unix://, or host:port"
             )
         return value
+
+    @model_validator(mode="after")
+    def _context_leaves_room_for_a_prompt(self) -> Settings:
+        """The reply's room (MODEL_MAX_NEW_TOKENS) comes out of the context; what is left is
+        the prompt's, and it must hold at least a short message."""
+        local = self.model_backend == "local"
+        context = self.local_context_tokens if local else self.model_context_tokens
+        if context - self.model_max_new_tokens < MIN_PROMPT_TOKENS:
+            name = "LOCAL_CONTEXT_TOKENS" if local else "MODEL_CONTEXT_TOKENS"
+            raise ValueError(
+                f"{name} ({context}) must exceed MODEL_MAX_NEW_TOKENS "
+                f"({self.model_max_new_tokens}) by at least {MIN_PROMPT_TOKENS}: the prompt "
+                "gets what the reply's room leaves of the context"
+            )
+        return self
 
     @model_validator(mode="after")
     def _model_url_fits_the_hf_form(self) -> Settings:

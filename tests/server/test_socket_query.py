@@ -90,6 +90,12 @@ async def frames(ws: ClientConnection, seconds: float) -> list[str]:
         return got
 
 
+async def text_frame(ws: ClientConnection) -> str:
+    frame = await asyncio.wait_for(ws.recv(), 10)
+    assert isinstance(frame, str), "a text socket sends text frames"
+    return frame
+
+
 async def text_socket(stack: Stack, token: str, extra: str = "") -> ClientConnection:
     return await websockets.connect(f"{stack.server.ws_url}/chat?token={token}&format=text{extra}")
 
@@ -98,9 +104,9 @@ async def test_text_format_sends_only_the_reply_text(stack: Stack) -> None:
     token = await stack.new_session()
     async with await text_socket(stack, token) as ws:
         await ws.send("hello there")
-        reply = await asyncio.wait_for(ws.recv(), 10)
+        reply = await text_frame(ws)
         await ws.send('{"type": "message", "msg": "and you?"}')
-        second = await asyncio.wait_for(ws.recv(), 10)
+        second = await text_frame(ws)
         rest = await frames(ws, 0.5)
     assert (reply, second, rest) == ("echo: hello there", "echo: and you?", [])
     # Stored as usual.
@@ -117,9 +123,9 @@ async def test_text_format_sends_errors_as_text(stack: Stack) -> None:
     token = await stack.new_session()
     async with await text_socket(stack, token) as ws:
         await ws.send("x" * 4001)
-        too_large = await asyncio.wait_for(ws.recv(), 10)
+        too_large = await text_frame(ws)
         await ws.send("   ")
-        empty = await asyncio.wait_for(ws.recv(), 10)
+        empty = await text_frame(ws)
     assert too_large == "error: too_large: Message is 4001 characters long; the limit is 4000"
     assert empty == "error: bad_request: Message is empty"
 
@@ -131,7 +137,7 @@ async def test_text_format_sends_a_model_error_as_text(
     token = await stack.new_session()
     async with await text_socket(stack, token) as ws:
         await ws.send("hi")
-        error = await asyncio.wait_for(ws.recv(), 10)
+        error = await text_frame(ws)
     assert error == (
         "error: model_error: The model provider refused the request (HTTP 400): no such model"
     )
@@ -144,17 +150,17 @@ async def test_text_format_marks_a_stopped_reply(stack: Stack, model_server: Mod
         await ws.send("one two three four five six seven eight nine ten")
         await watcher.until("token")
         await ws.send('{"type": "stop"}')
-        stopped = await asyncio.wait_for(ws.recv(), 10)
+        stopped = await text_frame(ws)
     assert stopped.endswith(" [stopped]") and stopped.startswith("echo:")
 
 
 async def test_text_format_with_history_sends_the_transcript(stack: Stack) -> None:
     token = await stack.new_session()
     async with await text_socket(stack, token, "&history=1") as ws:
-        empty = await asyncio.wait_for(ws.recv(), 10)
+        empty = await text_frame(ws)
         await ws.send("ping")
-        await asyncio.wait_for(ws.recv(), 10)
+        await text_frame(ws)
     async with await text_socket(stack, token, "&history=1") as ws:
-        transcript = await asyncio.wait_for(ws.recv(), 10)
+        transcript = await text_frame(ws)
     assert empty == "(no messages yet)"
     assert transcript == "Human: ping\nBot: echo: ping"
