@@ -30,6 +30,17 @@ def is_uuid4(value: str) -> bool:
     return parsed.version == 4 and str(parsed) == value
 
 
+MAX_TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 80
+
+
+def title_from_message(text: str) -> str:
+    """The title a conversation takes from its first message: the first non-blank line, cut
+    to AUTO_TITLE_CHARS characters (with an ellipsis when cut)."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), text.strip())
+    return line if len(line) <= AUTO_TITLE_CHARS else line[: AUTO_TITLE_CHARS - 1] + "…"
+
+
 def short(token: str) -> str:
     """A token as it may appear in logs: never in full."""
     return f"{token[:8]}…"

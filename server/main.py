@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from core.accounts import AccountStore
 from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
@@ -56,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             keys=keys,
             redis=redis,
             store=SessionStore(redis, settings, keys=keys),
+            accounts=AccountStore(redis, keys),
             hub=hub,
             sockets=sockets,
         )

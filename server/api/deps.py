@@ -9,6 +9,7 @@ from fastapi import Depends
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from core.accounts import AccountStore
 from core.config import Settings
 from core.keys import Keys
 from core.store import SessionStore
@@ -24,6 +25,7 @@ class Services:
     keys: Keys
     redis: Redis
     store: SessionStore
+    accounts: AccountStore
     hub: EventHub
     sockets: SocketRegistry
 
