@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from core.models import ErrorCode
+from core.models import MAX_TITLE_CHARS, ErrorCode
 
 _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
 # Control characters (C0, DEL, C1) but newline and tab (a carriage return was made a newline
@@ -69,7 +69,6 @@ class FrameError:
 Frame = ChatMessage | StopGeneration | SlashCommand | FrameError
 
 SLASH_COMMANDS = ("help", "reset", "stop", "title")
-MAX_TITLE_CHARS = 200
 HELP = (
     "Commands: /help (this list), /reset (empty this conversation's history), /stop (stop the "
     "reply being generated), /title <text> (name this conversation). To send a message that "

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.models import ErrorCode
+from core.models import MAX_TITLE_CHARS, ErrorCode
 from server.frames import (
-    MAX_TITLE_CHARS,
     ChatMessage,
     FrameError,
     SlashCommand,

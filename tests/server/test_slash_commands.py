@@ -106,3 +106,72 @@ async def test_stop_command_shares_the_stop_rate_limit(redis_url: str) -> None:
             limited = await chat.until("error")
     assert answer["command"] == "stop"
     assert limited["code"] == "rate_limited" and limited["retry_after"] >= 1
+
+
+async def test_reset_empties_the_history_and_tells_every_socket(stack: Stack) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat, stack.socket(token) as other_tab:
+        await chat.send("remember this")
+        await chat.until("message")
+        await chat.send("/reset")
+        answer = await chat.until("command")
+        heard = await other_tab.until("conversation")
+        await chat.send("and now?")
+        reply = await chat.until("message")
+    assert answer == {"type": "command", "command": "reset", "detail": "History cleared"}
+    assert heard == {"type": "conversation", "change": "reset"}
+    messages = (await stack.history(token))["messages"]
+    assert [m["msg"] for m in messages] == ["and now?", "echo: and now?"]
+    assert reply["msg"] == "echo: and now?"
+
+
+async def test_reset_forgets_the_history_in_the_next_prompt(
+    stack: Stack, model_server: ModelServer
+) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat:
+        await chat.send("old")
+        await chat.until("message")
+        await chat.send("/reset")
+        await chat.until("command")
+        await chat.send("new")
+        await chat.until("message")
+    last = model_server.requests[-1]["messages"]
+    assert [t["content"] for t in last if t["role"] != "system"] == ["new"]
+
+
+async def test_title_renames_the_conversation(stack: Stack, redis: Redis) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat, stack.socket(token) as other_tab:
+        await chat.send("/title   Trip to Rome ")
+        answer = await chat.until("command")
+        heard = await other_tab.until("conversation")
+    assert answer["command"] == "title" and answer["title"] == "Trip to Rome"
+    assert heard == {"type": "conversation", "change": "title", "title": "Trip to Rome"}
+    session = await stack.history(token)
+    assert session["title"] == "Trip to Rome"
+    assert session["messages"] == []
+    assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+
+
+async def test_a_title_set_by_command_is_kept_over_the_first_message(stack: Stack) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat:
+        await chat.send("/title Mine")
+        await chat.until("command")
+        await chat.send("a first message")
+        await chat.until("message")
+    assert (await stack.history(token))["title"] == "Mine"
+
+
+async def test_a_command_on_an_expired_session_closes_the_socket(
+    stack: Stack, redis: Redis
+) -> None:
+    token = await stack.new_session()
+    async with stack.socket(token) as chat:
+        await redis.delete(f"{stack.settings.key_prefix}:session:{token}")
+        await chat.send("/title gone")
+        error = await chat.until("error")
+        await chat.ws.wait_closed()
+    assert error["code"] == "session_expired"
+    assert chat.ws.close_code == 1008

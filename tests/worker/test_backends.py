@@ -12,8 +12,8 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import pytest
 
@@ -495,9 +495,9 @@ async def test_without_a_usage_report_the_prompt_is_counted(
 ) -> None:
     backend = await make_backend("openai")
     usage = Usage()
-    stream = backend.stream_reply(history, usage)
-    first = await anext(stream)  # type: ignore[call-overload]
-    await stream.aclose()  # type: ignore[attr-defined]
+    stream = cast(AsyncGenerator[str, None], backend.stream_reply(history, usage))
+    first = await anext(stream)
+    await stream.aclose()
     assert first
     assert usage.completion is None
     assert usage.prompt == backend.prompt_tokens(history) > 0
