@@ -276,6 +276,7 @@ class Settings(BaseSettings):
         the embedded Redis, which makes its own password."""
         if not isinstance(data, dict) or data.get("redis_url"):
             return data
+        data = {name: value for name, value in data.items() if name != "redis_url"}  # "" = unset
         parts = {name: data.get(name) for name in _REDIS_PARTS}
         if not parts["redis_host"] and not parts["redis_port"]:
             if parts["redis_user"] or parts["redis_password"]:

@@ -133,6 +133,11 @@ def test_without_any_part_the_default_stays_embedded(monkeypatch: pytest.MonkeyP
     assert "redis_url" not in settings.model_fields_set  # `make run` starts its own Redis
 
 
+def test_an_empty_redis_url_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert from_env(monkeypatch, REDIS_URL="").redis_url == "redis://127.0.0.1:6379/0"
+    assert from_env(monkeypatch, REDIS_URL="", REDIS_HOST="db").redis_url == "redis://db:6379/0"
+
+
 def test_a_password_without_a_host_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="REDIS_PASSWORD is set without REDIS_HOST"):
         from_env(monkeypatch, REDIS_PASSWORD="pw")
