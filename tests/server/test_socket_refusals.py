@@ -24,8 +24,13 @@ async def denied_stack(
 ) -> AsyncIterator[Stack]:
     """The stack, its server and worker logged in as a user that may not run JSON.GET."""
     user, password = f"nojsonget-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await redis.execute_command(
-        "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all", "-json.get"
+    await redis.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-json.get"],
     )
     parts = urlsplit(stack_settings.redis_url)
     netloc = f"{user}:{password}@{parts.hostname}:{parts.port}"
@@ -34,7 +39,7 @@ async def denied_stack(
         async with running_stack(stack_settings.model_copy(update={"redis_url": url})) as stack:
             yield stack
     finally:
-        await redis.execute_command("ACL", "DELUSER", user)
+        await redis.acl_deluser(user)
 
 
 async def test_history_that_cannot_be_read_refuses_the_handshake_with_503(
