@@ -7,9 +7,11 @@ name in upper case is the variable name (`SESSION_TTL_SECONDS`, `MODEL_BACKEND`,
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +28,13 @@ DEV_ORIGINS = [
 ]
 HfApiForm = Literal["chat", "text-generation"]
 Registration = Literal["open", "admin"]
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+MIN_PROMPT_TOKENS = 32  # what the context must keep for the prompt after the reply's room
+# The tutorial's MODEL_URL: a model's address on the Inference API, `.../models/<org>/<name>`,
+# which answers the text-generation form only.
+_MODEL_ADDRESS = re.compile(r"/models/[^/]+(/[^/]+)?/?$")
+# The parts the tutorial's .env names instead of REDIS_URL.
+_REDIS_PARTS = ("redis_host", "redis_port", "redis_user", "redis_password")
 
 
 class Settings(BaseSettings):
@@ -54,7 +63,15 @@ class Settings(BaseSettings):
     )
 
     # --- Redis -------------------------------------------------------------------------------
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="host:port without a scheme means redis://host:port",
+    )
+    # The tutorial's form: used to build REDIS_URL when it is unset (see _redis_url_from_parts).
+    redis_host: str | None = None
+    redis_port: int | None = Field(default=None, ge=1, le=65535)
+    redis_user: str | None = None
+    redis_password: SecretStr | None = None
     key_prefix: str = Field(default="chat", pattern=r"^[A-Za-z0-9_.-]+$")
     embedded_redis_port: int = 6379
     redis_data_dir: Path = PROJECT_ROOT / ".data" / "redis"
@@ -129,8 +146,17 @@ class Settings(BaseSettings):
     model_max_retries: int = Field(default=4, ge=0)
     system_prompt: str = "You are a helpful, concise assistant."
 
+    model_context_tokens: int = Field(
+        default=8192,
+        ge=64,
+        description="the remote model's context window in tokens (openai, huggingface); the "
+        "prompt is cut to fit it with room for MODEL_MAX_NEW_TOKENS",
+    )
+
     local_model_path: Path | None = None
-    local_context_tokens: int = 2048
+    local_context_tokens: int = Field(
+        default=2048, ge=64, description="context window of each local-model slot, in tokens"
+    )
     local_threads: int | None = None
     local_cpu_flags: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["avx", "avx2", "fma", "f16c", "bmi2"],
@@ -138,7 +164,13 @@ class Settings(BaseSettings):
         "(comma-separated; empty = no check); match them to LLAMA_CMAKE_ARGS",
     )
 
-    hf_token: SecretStr | None = None
+    hf_token: SecretStr | None = Field(
+        default=None,
+        # The tutorial's .env spells it HUGGINFACE_INFERENCE_TOKEN.
+        validation_alias=AliasChoices(
+            "hf_token", "hugginface_inference_token", "huggingface_inference_token"
+        ),
+    )
     hf_model: str = "HuggingFaceTB/SmolLM3-3B"
     hf_api: HfApiForm = "chat"
     hf_router_url: str = "https://router.huggingface.co"
@@ -234,6 +266,75 @@ class Settings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_url_from_parts(cls, data: Any) -> Any:
+        """REDIS_HOST and REDIS_PORT (with REDIS_USER and REDIS_PASSWORD), as the tutorial's
+        .env has them, make REDIS_URL when it is unset; REDIS_URL wins when both are set (the
+        launcher hands its embedded Redis's URL, generated password included, to its children
+        that way). A user or password with no host or port is refused: it cannot be meant for
+        the embedded Redis, which makes its own password."""
+        if not isinstance(data, dict) or data.get("redis_url"):
+            return data
+        data = {name: value for name, value in data.items() if name != "redis_url"}  # "" = unset
+        parts = {name: data.get(name) for name in _REDIS_PARTS}
+        if not parts["redis_host"] and not parts["redis_port"]:
+            if parts["redis_user"] or parts["redis_password"]:
+                raise ValueError(
+                    "REDIS_USER or REDIS_PASSWORD is set without REDIS_HOST or REDIS_PORT: "
+                    "name the Redis they are for (or set REDIS_URL); the embedded Redis of "
+                    "`make run` makes its own password"
+                )
+            return data
+        return {**data, "redis_url": _build_redis_url(**parts)}
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        """The tutorial's `REDIS_URL=host:port` (no scheme) is `redis://host:port`."""
+        if "://" not in value:
+            return f"redis://{value}"
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"REDIS_URL has the scheme {scheme!r}; use redis://, rediss:// (TLS) or "
+                "unix://, or host:port"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _context_leaves_room_for_a_prompt(self) -> Settings:
+        """The reply's room (MODEL_MAX_NEW_TOKENS) comes out of the context; what is left is
+        the prompt's, and it must hold at least a short message."""
+        local = self.model_backend == "local"
+        context = self.local_context_tokens if local else self.model_context_tokens
+        if context - self.model_max_new_tokens < MIN_PROMPT_TOKENS:
+            name = "LOCAL_CONTEXT_TOKENS" if local else "MODEL_CONTEXT_TOKENS"
+            raise ValueError(
+                f"{name} ({context}) must exceed MODEL_MAX_NEW_TOKENS "
+                f"({self.model_max_new_tokens}) by at least {MIN_PROMPT_TOKENS}: the prompt "
+                "gets what the reply's room leaves of the context"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_url_fits_the_hf_form(self) -> Settings:
+        """HF_API=chat, set on purpose, with the tutorial's model address as MODEL_URL would
+        post to `.../models/<id>/chat/completions`, which does not exist: refused at start.
+        Unset, HF_API follows the address (`hf_form`)."""
+        if (
+            self.hf_api == "chat"
+            and "hf_api" in self.model_fields_set
+            and self.model_url_is_model_address
+        ):
+            raise ValueError(
+                f"HF_API=chat with MODEL_URL={self.model_url!r}: that is a model's "
+                "text-generation address (/models/<id>). Set HF_API=text-generation (or leave "
+                "HF_API unset), or give the server's OpenAI-compatible base URL "
+                "(ending in /v1) as MODEL_URL"
+            )
+        return self
+
     @field_validator("forwarded_allow_ips", mode="before")
     @classmethod
     def _json_or_commas(cls, value: object) -> object:
@@ -304,9 +405,24 @@ class Settings(BaseSettings):
         if self.model_url:
             return self.model_url.rstrip("/")
         router = self.hf_router_url.rstrip("/")
-        if self.hf_api == "chat":
+        if self.hf_form == "chat":
             return f"{router}/v1"
         return f"{router}/hf-inference/models/{self.hf_model}"
+
+    @property
+    def model_url_is_model_address(self) -> bool:
+        """MODEL_URL is the tutorial's `.../models/<id>` (a text-generation address)."""
+        return bool(self.model_url) and bool(
+            _MODEL_ADDRESS.search(urlsplit(self.model_url or "").path)
+        )
+
+    @property
+    def hf_form(self) -> HfApiForm:
+        """The form the Hugging Face backend speaks: HF_API, except that a tutorial-style
+        MODEL_URL (`.../models/<id>`) with HF_API unset means the text-generation form."""
+        if "hf_api" not in self.model_fields_set and self.model_url_is_model_address:
+            return "text-generation"
+        return self.hf_api
 
     @property
     def resolved_client_dir(self) -> Path:
@@ -314,6 +430,27 @@ class Settings(BaseSettings):
             return self.client_dir
         built = PROJECT_ROOT / "client" / "dist"
         return built if (built / "index.html").is_file() else PROJECT_ROOT / "client" / "basic"
+
+
+def _build_redis_url(
+    redis_host: object, redis_port: object, redis_user: object, redis_password: object
+) -> str:
+    """`redis://[user[:password]@]host:port/0`, the user and password URL-quoted."""
+    password = (
+        redis_password.get_secret_value()
+        if isinstance(redis_password, SecretStr)
+        else redis_password
+    )
+    auth = ""
+    if redis_user or password:
+        auth = quote(str(redis_user or ""), safe="")
+        if password:
+            auth += ":" + quote(str(password), safe="")
+        auth += "@"
+    host = str(redis_host or "127.0.0.1")
+    if ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
+    return f"redis://{auth}{host}:{redis_port or 6379}/0"
 
 
 @lru_cache

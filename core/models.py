@@ -234,6 +234,8 @@ class CommandEvent(BaseModel):
     command: str
     detail: str
     title: str | None = None
+    # Echoed from a `{"type": "message", "msg": "/...", "client_id": ...}` command.
+    client_id: str | None = None
 
 
 Event = (

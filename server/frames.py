@@ -4,6 +4,12 @@ A text frame is a chat message (so Postman works as in the tutorial). A frame th
 object with a `"type"` is a command instead; see docs/protocol.md for the table of inputs and
 what each gets.
 
+A chat message whose very first character is `/` is a slash command (`/help`, `/reset`,
+`/stop`, `/title <text>`), whether it came as a plain frame or as a `message` command's
+`msg`. Only the first character counts: `a/b` and ` /help` (a space first) are chat text, so
+a slash inside a sentence, or a message someone indented, is never taken for a command. `//`
+at the start escapes it: `//text` is the chat message `/text`.
+
 Every error text quotes at most a short prefix of what the client sent: an error is queued on
 the client's own socket, so an echo of a 1 MiB frame would let a client that does not read
 pile up memory on the server.
@@ -15,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from core.models import ErrorCode
+from core.models import MAX_TITLE_CHARS, ErrorCode
 
 _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
 # Control characters (C0, DEL, C1) but newline and tab (a carriage return was made a newline
@@ -23,6 +29,7 @@ _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
 # keyboard types them.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 KNOWN_COMMANDS = ("message", "stop")
+_FIRST_SPACE = re.compile(r"\s+")
 
 MAX_CLIENT_ID_CHARS = 100
 QUOTED_CHARS = 40  # the longest piece of client input an error text repeats
@@ -44,13 +51,29 @@ class StopGeneration:
 
 
 @dataclass(frozen=True, slots=True)
+class SlashCommand:
+    """`/help`, `/reset`, `/stop` or `/title <text>` (`argument` is the title, else "")."""
+
+    name: str
+    argument: str = ""
+    client_id: str | None = None  # of a `message` command, echoed in the answer
+
+
+@dataclass(frozen=True, slots=True)
 class FrameError:
     code: ErrorCode
     detail: str
     client_id: str | None = None  # of a refused message command, so the sender can match it
 
 
-Frame = ChatMessage | StopGeneration | FrameError
+Frame = ChatMessage | StopGeneration | SlashCommand | FrameError
+
+SLASH_COMMANDS = ("help", "reset", "stop", "title")
+HELP = (
+    "Commands: /help (this list), /reset (empty this conversation's history), /stop (stop the "
+    "reply being generated), /title <text> (name this conversation). To send a message that "
+    "starts with /, write // instead: //etc is sent as /etc."
+)
 
 
 def quoted(text: str) -> str:
@@ -124,6 +147,8 @@ def _json_kind(value: object) -> str:
 
 def _chat_message(text: str, max_chars: int, max_bytes: int, client_id: str | None = None) -> Frame:
     # CRLF (Windows clients) and a lone CR are line ends: stored as newlines, never refused.
+    # Whether it is a slash command is decided before trimming: " /help" is text.
+    slash = text.startswith("/")
     text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text:
         return FrameError(ErrorCode.BAD_REQUEST, "Message is empty", client_id)
@@ -143,7 +168,40 @@ def _chat_message(text: str, max_chars: int, max_bytes: int, client_id: str | No
             f"Message is {size} bytes long (UTF-8); the limit is {max_bytes}",
             client_id,
         )
+    if slash:
+        return _slash_command(text, client_id)
     return ChatMessage(text, client_id)
+
+
+def _slash_command(text: str, client_id: str | None) -> Frame:
+    """`text` (valid chat text, starting with `/`) as a command, or `//...` as chat text."""
+    if text.startswith("//"):
+        return ChatMessage(text[1:], client_id)
+    word, *rest = _FIRST_SPACE.split(text[1:], maxsplit=1)
+    name, argument = word.lower(), rest[0].strip() if rest else ""
+    if name not in SLASH_COMMANDS:
+        return FrameError(
+            ErrorCode.BAD_REQUEST,
+            f"Unknown command {quoted('/' + word)}; send /help for the list, or // to send a "
+            "message that starts with /",
+            client_id,
+        )
+    if name != "title":
+        if argument:
+            return FrameError(
+                ErrorCode.BAD_REQUEST, f"/{name} takes no argument; send /help", client_id
+            )
+        return SlashCommand(name, client_id=client_id)
+    argument = " ".join(argument.split())  # a title is one line
+    if not argument:
+        return FrameError(ErrorCode.BAD_REQUEST, "/title needs a title: /title <text>", client_id)
+    if len(argument) > MAX_TITLE_CHARS:
+        return FrameError(
+            ErrorCode.BAD_REQUEST,
+            f"The title is {len(argument)} characters long; the limit is {MAX_TITLE_CHARS}",
+            client_id,
+        )
+    return SlashCommand(name, argument, client_id)
 
 
 def _unicode_problem(text: str) -> str | None:

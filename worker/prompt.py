@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypedDict
 
 from core.models import Message
 
 HUMAN_TAG = "Human:"
 BOT_TAG = "Bot:"
+# Starts the newest message when it had to be cut to fit the context (its start is gone).
+CUT_MARK = "[…] "
 
 
 class ChatTurn(TypedDict):
@@ -41,6 +43,45 @@ def unanswered(messages: Sequence[Message]) -> list[Message]:
     """Human messages with no stored reply (or error), oldest first."""
     answered = {m.reply_to for m in messages if not m.is_human}
     return [m for m in messages if m.is_human and m.id not in answered]
+
+
+def fit_history(
+    history: Sequence[Message], measure: Callable[[Sequence[Message]], int], budget: int
+) -> list[Message]:
+    """The newest messages of `history` (which ends with the message to answer) whose prompt
+    `measure`s at most `budget` tokens: the oldest are dropped first.
+
+    When the newest message alone is over the budget, it is cut, keeping its end (marked with
+    CUT_MARK): a long paste is usually followed by what the user asks about it ("... summarise
+    this"), and the end is also what the reply continues from. Its longest end that fits is
+    found by bisection, each step measured in full, so it holds for any tokenizer. ValueError
+    when not even an empty message fits (the system prompt takes the whole budget).
+    """
+    kept = list(history)
+    while len(kept) > 1 and measure(kept) > budget:
+        kept.pop(0)
+    if not kept or measure(kept) <= budget:
+        return kept
+    newest = kept[-1]
+
+    def cut(chars: int) -> list[Message]:
+        text = newest.msg[len(newest.msg) - chars :] if chars else ""
+        return [newest.model_copy(update={"msg": CUT_MARK + text.lstrip()})]
+
+    low, high = 0, len(newest.msg)  # `low` characters fit; `high + 1` do not
+    if measure(cut(0)) > budget:
+        raise ValueError(
+            f"The prompt does not fit the model's context: even without the message it takes "
+            f"more than the {budget} tokens left after the reply's room; shorten SYSTEM_PROMPT "
+            "or raise the context setting"
+        )
+    while low < high:
+        middle = (low + high + 1) // 2
+        if measure(cut(middle)) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return cut(low)
 
 
 def build_prompt(history: Sequence[Message]) -> str:

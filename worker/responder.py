@@ -31,6 +31,7 @@ from core.models import (
 )
 from core.store import Recent, ReplyOutcome, SessionStore
 from worker.backends import ModelBackend, ModelFailure
+from worker.backends.base import Usage
 from worker.leases import SessionLease
 from worker.prompt import conversation_until, unanswered
 
@@ -266,8 +267,9 @@ class Responder:
         parts: list[str] = []
         interval = self._settings.token_flush_ms / 1000
         publisher = DeltaPublisher(self._store, turn.token, reply.id, turn.human.id, interval)
+        usage = Usage()
         try:
-            outcome = await self._generate(turn, publisher, history, parts)
+            outcome = await self._generate(turn, publisher, history, parts, usage)
             if isinstance(outcome, LeaseWasLost):
                 raise LeaseLost(turn.token)
             # Stopped, capped, failed or finished: the text streamed so far all goes out
@@ -287,8 +289,22 @@ class Responder:
             )
         if reply.error is not None:
             MODEL_ERRORS.labels(reply.error.code.value).inc()
+        else:
+            reply.tokens_used = self._tokens_used(usage, history, reply.msg)
         await self._store_reply(turn, reply)
         REPLY_SECONDS.observe(time.monotonic() - started)
+
+    def _tokens_used(self, usage: Usage, history: Sequence[Message], text: str) -> int | None:
+        """Prompt plus completion tokens: the backend's counts (the provider's own when it
+        reported them), the rest counted here; None when no generation started (a message
+        stopped before its turn: nothing was sent to the model)."""
+        if usage.prompt is None and not text:
+            return None
+        prompt = usage.prompt if usage.prompt is not None else self._backend.prompt_tokens(history)
+        completion = (
+            usage.completion if usage.completion is not None else self._backend.count_tokens(text)
+        )
+        return prompt + completion
 
     async def _store_reply(self, turn: Turn, reply: Message) -> None:
         stored = await self._store.add_reply(
@@ -306,12 +322,13 @@ class Responder:
         publisher: DeltaPublisher,
         history: Sequence[Message],
         parts: list[str],
+        usage: Usage,
     ) -> bool:
         """Stream the model's reply into `parts` and to the session's sockets; True when it
         reached MAX_REPLY_CHARS and was cut there (the generation is then cancelled)."""
         room = self._settings.max_reply_chars
         started, first = time.monotonic(), True
-        deltas = self._backend.stream_reply(history)
+        deltas = self._backend.stream_reply(history, usage)
         try:
             async for delta in deltas:
                 piece = delta[:room]
@@ -336,11 +353,12 @@ class Responder:
         publisher: DeltaPublisher,
         history: Sequence[Message],
         parts: list[str],
+        usage: Usage,
     ) -> Outcome:
         """Run the generation until it ends, is stopped, loses its lease or times out."""
         if turn.stop.is_set():
             return Stopped()
-        generation = asyncio.create_task(self._stream(publisher, history, parts))
+        generation = asyncio.create_task(self._stream(publisher, history, parts, usage))
         stopped = asyncio.create_task(turn.stop.wait())
         lost = asyncio.create_task(turn.lease.lost.wait())
         timeout = self._settings.model_timeout_seconds

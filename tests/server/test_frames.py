@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from core.models import ErrorCode
-from server.frames import ChatMessage, FrameError, StopGeneration, parse_frame
+from core.models import MAX_TITLE_CHARS, ErrorCode
+from server.frames import (
+    ChatMessage,
+    FrameError,
+    SlashCommand,
+    StopGeneration,
+    parse_frame,
+)
 
 LIMIT = 20
 BYTES = 30
@@ -164,3 +170,68 @@ def test_a_huge_frame_is_too_large_without_being_parsed() -> None:
     refused = rejected('{"type": "message", "msg": "' + "z" * 900_000 + '"}', 4000, 16384)
     assert refused.code is ErrorCode.TOO_LARGE
     assert len(refused.detail) < 150
+
+
+# --- Slash commands -----------------------------------------------------------------------------
+
+SLASH = 300  # room for a title at its limit
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        ("/help", SlashCommand("help")),
+        ("/help\n", SlashCommand("help")),  # Postman's Enter
+        ("/HELP", SlashCommand("help")),
+        ("/reset", SlashCommand("reset")),
+        ("/stop", SlashCommand("stop")),
+        ("/title  Trip to   Rome ", SlashCommand("title", "Trip to Rome")),
+        ("/title a\nb", SlashCommand("title", "a b")),
+        ('{"type": "message", "msg": "/help"}', SlashCommand("help")),
+        ('{"type":"message","msg":"/stop","client_id":"c2"}', SlashCommand("stop", "", "c2")),
+        ("/title " + "t" * MAX_TITLE_CHARS, SlashCommand("title", "t" * MAX_TITLE_CHARS)),
+        # Text, not commands: `//` escapes, and only a slash as the very first character counts.
+        ("//help", ChatMessage("/help")),
+        ("//", ChatMessage("/")),
+        (
+            '{"type": "message", "msg": "//reset now", "client_id": "c"}',
+            ChatMessage("/reset now", "c"),
+        ),
+        ("a/b", ChatMessage("a/b")),
+        (" /help", ChatMessage("/help")),
+        ("\n/reset", ChatMessage("/reset")),
+        ("1/2 of it", ChatMessage("1/2 of it")),
+    ],
+)
+def test_slash_commands_and_what_stays_text(frame: str, expected: object) -> None:
+    assert parse_frame(frame, SLASH, SLASH) == expected
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        ("/dance", "Unknown command '/dance'; send /help"),
+        ("/", "Unknown command '/'"),
+        ("/path/to/file is broken", "Unknown command '/path/to/file'"),
+        ("/title", "/title needs a title"),
+        ("/title   \n ", "/title needs a title"),
+        ("/title " + "t" * (MAX_TITLE_CHARS + 1), f"the limit is {MAX_TITLE_CHARS}"),
+        ("/reset everything", "/reset takes no argument"),
+        ("/help me", "/help takes no argument"),
+    ],
+)
+def test_bad_slash_commands_are_bad_requests(frame: str, words: str) -> None:
+    refused = rejected(frame, SLASH, SLASH)
+    assert refused.code is ErrorCode.BAD_REQUEST
+    assert words in refused.detail
+
+
+def test_a_refused_slash_command_keeps_its_client_id() -> None:
+    refused = rejected('{"type": "message", "msg": "/nope", "client_id": "c4"}', SLASH, SLASH)
+    assert refused.client_id == "c4"
+    assert "//" in refused.detail  # says how to send it as text
+
+
+def test_a_slash_command_obeys_the_message_limits() -> None:
+    assert rejected("/title " + "x" * LIMIT).code is ErrorCode.TOO_LARGE
+    assert rejected("/title a\x00b", SLASH, SLASH).code is ErrorCode.BAD_REQUEST

@@ -108,7 +108,7 @@ async def test_refresh_token_returns_the_history(stack: Stack, client: httpx.Asy
         ("human", "hi"),
         ("bot", "echo: hi"),
     ]
-    fields = {"id", "source", "msg", "timestamp", "reply_to"}
+    fields = {"id", "source", "msg", "timestamp", "reply_to", "tokens_used"}
     assert all(set(m) <= fields for m in session["messages"])
 
 

@@ -13,9 +13,11 @@ Hugging Face text generation (TGI form)
     "details": null}`` when :attr:`ModelServerBehaviour.hf_dict_response` is set). Streaming
     answers (``"stream": true`` or the ``/generate_stream`` route) are server-sent events, one
     ``data: {json}`` per token, then one special ``</s>`` token whose event also carries the
-    full ``generated_text``. ``parameters.stop`` is honoured (the reply is cut before the first
-    stop string, unless :attr:`ModelServerBehaviour.ignore_stop` is set) and
-    ``parameters.return_full_text: true`` prefixes the prompt to ``generated_text``.
+    full ``generated_text`` (and, with ``details: true``, TGI's stream details: the
+    ``generated_tokens``, the special one included, and ``input_length``, the prompt's words).
+    ``parameters.stop`` is honoured (the reply is cut before the first stop string, unless
+    :attr:`ModelServerBehaviour.ignore_stop` is set) and ``parameters.return_full_text: true``
+    prefixes the prompt to ``generated_text``.
     ``max_new_tokens`` and the sampling parameters are only recorded.
 
 OpenAI-compatible chat completions
@@ -23,8 +25,9 @@ OpenAI-compatible chat completions
     without ``/v1`` works), plus ``POST /models/{org}/{name}/v1/chat/completions`` (where
     ``huggingface_hub`` sends ``chat_completion`` for a model URL). Non-streaming answers are a
     ``chat.completion`` object; streaming answers are ``chat.completion.chunk`` events (a role
-    chunk, one chunk per piece, a ``finish_reason: "stop"`` chunk, an optional usage chunk when
-    ``stream_options.include_usage`` is set) and then ``data: [DONE]``. ``GET /v1/models`` (and
+    chunk, one chunk per piece, a ``finish_reason: "stop"`` chunk, a usage chunk when
+    ``stream_options.include_usage`` is set: ``prompt_tokens`` counts the messages' words,
+    ``completion_tokens`` the reply's pieces) and then ``data: [DONE]``. ``GET /v1/models`` (and
     ``GET /models``) list the one model.
 
 Replies are deterministic so tests can check routing and prompts: text generation answers
@@ -694,7 +697,9 @@ class ModelServer:
         seed = parameters.get("seed")
 
         if force_stream or body.get("stream") is True:
-            events = self._tgi_events(pieces, full_text, want_details, seed, cut)
+            events = self._tgi_events(
+                pieces, full_text, want_details, seed, cut, len(inputs.split())
+            )
             return StreamingResponse(events, media_type=_SSE_MEDIA_TYPE, headers=_SSE_HEADERS)
 
         answer: dict[str, Any] = {"generated_text": full_text}
@@ -723,6 +728,7 @@ class ModelServer:
         want_details: bool,
         seed: object,
         cut: CutStream | None,
+        input_length: int,
     ) -> AsyncIterator[bytes]:
         for index, piece in enumerate(pieces):
             if cut is not None and index >= cut.after_pieces:
@@ -741,7 +747,12 @@ class ModelServer:
         end = len(pieces)
         await self._piece_delay(end)
         details = (
-            {"finish_reason": "eos_token", "generated_tokens": end + 1, "seed": seed}
+            {
+                "finish_reason": "eos_token",
+                "generated_tokens": end + 1,
+                "input_length": input_length,
+                "seed": seed,
+            }
             if want_details
             else None
         )

@@ -61,8 +61,9 @@ class Stack:
             return result
 
     @asynccontextmanager
-    async def socket(self, token: str) -> AsyncIterator[ChatSocket]:
-        async with websockets.connect(f"{self.server.ws_url}/chat?token={token}") as ws:
+    async def socket(self, token: str, query: str = "") -> AsyncIterator[ChatSocket]:
+        """A socket of session `token`; `query` adds parameters ("&history=1")."""
+        async with websockets.connect(f"{self.server.ws_url}/chat?token={token}{query}") as ws:
             yield ChatSocket(ws)
 
 

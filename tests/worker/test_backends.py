@@ -8,11 +8,12 @@ Faults are scripted on the server; nothing in the client libraries is mocked.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import pytest
 
@@ -30,7 +31,14 @@ from tests.support.model_servers import (
     split_pieces,
 )
 from worker.backends import ModelBackend, ModelError, ModelUnavailable, create_backend
-from worker.backends.base import TransientModelError, http_failure
+from worker.backends.base import (
+    TURN_TOKENS,
+    TransientModelError,
+    Usage,
+    estimate_tokens,
+    http_failure,
+)
+from worker.prompt import CUT_MARK
 
 # Backend tests never touch Redis; Settings only needs some URL.
 NO_REDIS = "redis://127.0.0.1:1/0"
@@ -440,3 +448,84 @@ def test_http_failure_maps_status_to_retry_or_final_failure(
         detail = failure.detail
     for word in words:
         assert word in detail
+
+
+async def test_a_tutorial_model_url_is_asked_in_the_text_generation_form(
+    model_server: ModelServer, history: list[Message]
+) -> None:
+    """MODEL_URL=.../models/<id> with HF_API left at its default: the tutorial's form, posted
+    to the model's address, not to `.../models/<id>/chat/completions`."""
+    settings = make_settings(
+        NO_REDIS, model_backend="huggingface", model_url=model_server.hf_model_url
+    )
+    backend = create_backend(settings)
+    await backend.start()
+    try:
+        reply = "".join(await collect(backend, history))
+    finally:
+        await backend.aclose()
+    assert reply.strip() == ECHO
+    assert [r.path for r in model_server.received] == [f"/models/{model_server.model_id}"]
+    assert model_server.requests[0]["inputs"] == PROMPT
+
+
+# --- The prompt fits the context, and the tokens used are reported -----------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "hf-chat", "hf-text"])
+async def test_the_provider_reports_the_tokens_used(
+    make_backend: BackendFactory, history: list[Message], kind: Kind
+) -> None:
+    """The fake servers count as the real protocols report: OpenAI's usage chunk (asked for
+    with include_usage) and TGI's stream details."""
+    backend = await make_backend(kind)
+    usage = Usage()
+    reply = "".join([p async for p in backend.stream_reply(history, usage)])
+    pieces = len(split_pieces(reply.strip()))
+    if kind == "hf-text":
+        assert usage == Usage(prompt=len(PROMPT.split()), completion=pieces + 1)  # and </s>
+    else:
+        words = sum(len(m.msg.split()) for m in history)
+        system = len(backend.system_prompt.split())
+        assert usage == Usage(prompt=words + system, completion=pieces)
+
+
+async def test_without_a_usage_report_the_prompt_is_counted(
+    make_backend: BackendFactory, model_server: ModelServer, history: list[Message]
+) -> None:
+    backend = await make_backend("openai")
+    usage = Usage()
+    stream = cast(AsyncGenerator[str, None], backend.stream_reply(history, usage))
+    first = await anext(stream)
+    await stream.aclose()
+    assert first
+    assert usage.completion is None
+    assert usage.prompt == backend.prompt_tokens(history) > 0
+    assert model_server.requests[0]["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("kind", ["openai", "hf-text"])
+async def test_a_message_longer_than_the_context_is_cut_to_fit(
+    make_backend: BackendFactory, model_server: ModelServer, kind: Kind
+) -> None:
+    """MODEL_CONTEXT_TOKENS=200 with 64 kept for the reply: an old exchange and a 3,000-byte
+    message (1,000 estimated tokens) become the message's end alone, and it is answered."""
+    old = Message(source=Source.HUMAN, msg="an old question")
+    long_text = "word " * 590 + "so what is the answer?"
+    history = [old, Message(source=Source.BOT, msg="old", reply_to=old.id)]
+    history.append(Message(source=Source.HUMAN, msg=long_text))
+    backend = await make_backend(kind, model_context_tokens=200, model_max_new_tokens=64)
+    reply = "".join(await collect(backend, history))
+    sent = model_server.requests[0]
+    if kind == "openai":
+        prompt = [turn["content"] for turn in sent["messages"] if turn["role"] != "system"]
+        assert len(prompt) == 1
+        text = prompt[0]
+        size = sum(estimate_tokens(t["content"]) + TURN_TOKENS for t in sent["messages"])
+    else:
+        text = sent["inputs"].removeprefix("Human: ").removesuffix("\nBot:")
+        size = estimate_tokens(sent["inputs"])
+    assert text.startswith(CUT_MARK) and text.endswith("so what is the answer?")
+    assert 136 - TURN_TOKENS < size <= 136
+    assert "an old question" not in json.dumps(sent)
+    assert reply.strip().endswith("so what is the answer?")

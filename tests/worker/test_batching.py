@@ -16,6 +16,7 @@ from core.config import Settings
 from core.models import Message, Source
 from tests.conftest import make_settings
 from worker.backends import ModelError
+from worker.backends.batching import Generation
 from worker.backends.local import LocalBackend
 
 pytestmark = pytest.mark.slow
@@ -145,12 +146,17 @@ async def test_more_requests_than_slots_wait_for_a_free_one(greedy: Settings) ->
         await local.aclose()
 
 
-async def test_a_conversation_longer_than_a_slot_is_a_model_error(greedy: Settings) -> None:
-    local = LocalBackend(greedy.model_copy(update={"local_context_tokens": 64}))
+async def test_a_conversation_longer_than_a_slot_is_cut_to_fit_it(greedy: Settings) -> None:
+    """The backend fits the prompt to the slot (worker/prompt.py fit_history), so an
+    overlong message is answered; the engine's own check stays as the last guard."""
+    local = LocalBackend(greedy.model_copy(update={"local_context_tokens": 96}))
     await local.start()
     try:
-        with pytest.raises(ModelError, match="more than the 63 a slot holds"):
-            await reply(local, "word " * 200)
+        assert (await reply(local, "word " * 200)).strip()
+        engine = local._engine
+        assert engine is not None
+        with pytest.raises(ValueError, match="more than the 95 a slot holds"):
+            engine.submit(Generation(prompt=[1] * 96, deliver=lambda _item: None))
         assert (await reply(local, "Say hello.")).strip()  # the engine is still serving
     finally:
         await local.aclose()

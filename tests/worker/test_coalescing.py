@@ -21,6 +21,7 @@ from tests.conftest import make_settings
 from tests.support import sessions
 from tests.support.model_servers import ModelServer
 from worker.backends import ModelBackend
+from worker.backends.base import Usage
 from worker.leases import SessionLease
 from worker.responder import LeaseLost, Responder
 from worker.worker import Worker
@@ -61,7 +62,9 @@ class PacedBackend(ModelBackend):
         self.hang = hang
         self.tail_started = asyncio.Event()
 
-    async def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+    async def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
         for i, piece in enumerate(self.pieces):
             if i and self.pause:
                 await asyncio.sleep(self.pause)

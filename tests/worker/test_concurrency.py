@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator, Sequence
 from core.config import Settings
 from core.models import Message
 from worker.backends import ModelBackend
+from worker.backends.base import Usage
 from worker.backends.local import LocalBackend
 from worker.backends.openai_compat import ChatCompletionsBackend
 from worker.worker import generation_slots
 
 
 class Remote(ModelBackend):
-    def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+    def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
         raise NotImplementedError
 
 

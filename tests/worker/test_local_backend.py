@@ -16,7 +16,9 @@ from tests.conftest import make_settings
 from tests.support.stack import running_stack
 from worker.backends import ModelUnavailable
 from worker.backends import local as local_module
+from worker.backends.base import Usage
 from worker.backends.local import LocalBackend, default_model_path, missing_cpu_flags
+from worker.prompt import CUT_MARK
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,63 @@ async def test_a_socket_session_gets_a_real_reply(local_settings: Settings) -> N
     assert len(tokens) > 1
     assert reply["msg"] and reply["msg"] == "".join(tokens).strip()
     assert [m["source"] for m in history["messages"]] == ["human", "bot"]
+
+
+# --- The prompt fits the slot's context ----------------------------------------------------------
+
+SMALL_CONTEXT = 256
+LONG_MESSAGE = (
+    "Here is my shopping list: "
+    + "apples, pears, milk, bread, " * 130
+    + ("What should I buy first?")
+)  # about 3,700 characters: over a thousand tokens, four times the context
+
+
+async def test_a_message_longer_than_the_context_is_answered(redis_url: str) -> None:
+    """Before the prompt was fitted, this was a model_error ("the conversation is N tokens,
+    more than the 255 a slot holds"). Now the message's end is kept, and the reply comes."""
+    settings = make_settings(
+        redis_url,
+        model_backend="local",
+        model_max_new_tokens=32,
+        local_context_tokens=SMALL_CONTEXT,
+    )
+    async with running_stack(settings) as stack:
+        token = await stack.new_session()
+        async with stack.socket(token) as chat:
+            await chat.send(LONG_MESSAGE)
+            final = await chat.until("message", "error", timeout=120)
+        history = await stack.history(token)
+    assert final["type"] == "message", final
+    assert final["msg"]
+    assert 0 < final["tokens_used"] <= SMALL_CONTEXT
+    assert history["messages"][0]["msg"] == LONG_MESSAGE  # stored whole; only the prompt is cut
+    assert history["messages"][1]["tokens_used"] == final["tokens_used"]
+
+
+async def test_llama_cpp_counts_the_tokens_used(redis_url: str) -> None:
+    settings = make_settings(
+        redis_url,
+        model_backend="local",
+        model_max_new_tokens=32,
+        local_context_tokens=SMALL_CONTEXT,
+    )
+    local = LocalBackend(settings)
+    await local.start()
+    try:
+        history = ask(LONG_MESSAGE)
+        usage = Usage()
+        reply = "".join([p async for p in local.stream_reply(history, usage)])
+        fitted = local.fit(history)
+    finally:
+        await local.aclose()
+    assert reply.strip()
+    assert fitted[0].msg.startswith(CUT_MARK) and fitted[0].msg.endswith("buy first?")
+    assert usage.prompt is not None and usage.completion is not None
+    # The prompt fills what the reply's room leaves of the slot (255 - 32), within a token or two
+    # (the cut is by characters, and a character may not make a token of its own).
+    assert SMALL_CONTEXT - 1 - 32 - 4 <= usage.prompt <= SMALL_CONTEXT - 1 - 32
+    assert 0 < usage.completion <= 32
 
 
 # --- The CPU check: a clear failure at start instead of SIGILL on the first message -----------

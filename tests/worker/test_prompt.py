@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from core.models import ErrorCode, Message, ReplyError, Source
 from worker.prompt import (
+    CUT_MARK,
     StopSequenceFilter,
     build_prompt,
     chat_turns,
     conversation_until,
+    fit_history,
     unanswered,
 )
 
@@ -89,3 +93,36 @@ def test_stop_filter_releases_a_false_start() -> None:
     assert shown == "Humble pie"
     assert not cut.stopped
     assert StopSequenceFilter().feed("Hu") == ""
+
+
+# --- Fitting the context -------------------------------------------------------------------------
+
+
+def chars(history: Sequence[Message]) -> int:
+    """A tokenizer for tests: one token per character, plus 2 per message."""
+    return sum(len(m.msg) + 2 for m in history)
+
+
+def test_the_newest_messages_that_fit_are_kept() -> None:
+    h1 = human("a" * 10)
+    h2 = human("b" * 10)
+    history = [h1, bot("c" * 10, h1), h2, bot("d" * 10, h2), human("e" * 10)]
+    assert fit_history(history, chars, 60) == history
+    assert fit_history(history, chars, 59) == history[1:]
+    assert fit_history(history, chars, 36) == history[-3:]
+    assert fit_history(history, chars, 12) == history[-1:]
+
+
+def test_the_newest_message_alone_too_long_keeps_its_end() -> None:
+    newest = human("start " + "x" * 50 + " the question?")
+    fitted = fit_history([human("old"), newest], chars, 30)
+    assert len(fitted) == 1 and chars(fitted) <= 30
+    assert chars(fitted) == 30  # the longest end that fits
+    assert fitted[0].msg.startswith(CUT_MARK) and fitted[0].msg.endswith(" the question?")
+    assert fitted[0].id == newest.id
+    assert newest.msg.startswith("start ")  # the stored message is untouched
+
+
+def test_nothing_fits_when_the_budget_is_below_an_empty_message() -> None:
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        fit_history([human("hello")], chars, len(CUT_MARK) + 1)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from core.config import Settings
 from core.models import ErrorCode, Message
+from worker.prompt import chat_turns, fit_history
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +44,35 @@ class TransientModelError(Exception):
         self.wait = wait
 
 
+BYTES_PER_TOKEN = 3  # the estimate's divisor (estimate_tokens)
+TURN_TOKENS = 4  # a chat turn's role and separators, in the estimate of a chat prompt
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` for a model whose tokenizer we do not have: its UTF-8 bytes / 3,
+    rounded up. Conservative: English prose runs about 4 characters a token in the common
+    tokenizers, and a non-Latin script 1 to 2 characters (3 to 6 bytes) a token, so the prompt
+    is cut a little early rather than overflow the context."""
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+
+
+@dataclass(slots=True)
+class Usage:
+    """The token counts of one generation, filled in by the backend: `prompt` when it builds
+    the prompt (its own count), both again when the provider reports them (the provider's
+    word wins). What is still None when the reply is stored, the responder counts."""
+
+    prompt: int | None = None
+    completion: int | None = None
+
+
 class ModelBackend(abc.ABC):
-    """Generates a reply to the last message of a conversation, streamed as text deltas."""
+    """Generates a reply to the last message of a conversation, streamed as text deltas.
+
+    The prompt fits the model: `fit` keeps the newest turns whose prompt, counted by
+    `prompt_tokens`, leaves MODEL_MAX_NEW_TOKENS of `context_tokens` for the reply (and cuts
+    the newest message itself when it alone is too long), so no message overflows the context.
+    """
 
     #: How many generations this backend can usefully run at once (None: no limit of its own).
     max_concurrency: int | None = None
@@ -50,6 +81,12 @@ class ModelBackend(abc.ABC):
     #: default is high; a backend bound by its own hardware caps it with `max_concurrency`
     #: (the local model: what it can batch).
     default_concurrency: int = 256
+    #: The model's context window in tokens (prompt and reply together).
+    context_tokens: int = 8192
+    #: Tokens kept for the reply (MODEL_MAX_NEW_TOKENS).
+    reply_tokens: int = 256
+    #: The system prompt the chat form starts with.
+    system_prompt: str = ""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load or connect; called once at worker startup."""
@@ -58,11 +95,37 @@ class ModelBackend(abc.ABC):
         """Release what `start` took."""
 
     @abc.abstractmethod
-    def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
-        """Yield the reply in pieces. `history` ends with the human message to answer.
+    def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
+        """Yield the reply in pieces. `history` ends with the human message to answer; the
+        backend fits it to the context (`fit`) and notes the tokens it used in `usage`.
 
         Raises ModelFailure when no reply can be had; the caller bounds the total time.
         """
+
+    def size_prompt(self, settings: Settings, context_tokens: int) -> None:
+        """Take the context, the reply's room and the system prompt from the settings."""
+        self.context_tokens = context_tokens
+        self.reply_tokens = settings.model_max_new_tokens
+        self.system_prompt = settings.system_prompt
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a piece of text (a reply): the estimate, unless the backend knows better."""
+        return estimate_tokens(text)
+
+    def prompt_tokens(self, history: Sequence[Message]) -> int:
+        """Tokens of the prompt `history` makes, in the chat form: every turn's text and its
+        overhead, the system prompt's included."""
+        turns = chat_turns(history, self.system_prompt)
+        return sum(self.count_tokens(turn["content"]) + TURN_TOKENS for turn in turns)
+
+    def fit(self, history: Sequence[Message]) -> list[Message]:
+        """The newest part of `history` whose prompt leaves room for the reply."""
+        try:
+            return fit_history(history, self.prompt_tokens, self.context_tokens - self.reply_tokens)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from exc
 
 
 def retry_delay(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:

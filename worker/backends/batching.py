@@ -127,6 +127,11 @@ class BatchEngine:
 
     # --- Requests (any thread) -----------------------------------------------------------------
 
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text's tokens (no special tokens parsed, no BOS)."""
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return tokens
+
     def tokenize_chat(self, turns: Sequence[Any]) -> list[int]:
         result = self._formatter(messages=list(turns))
         text: str = result.prompt

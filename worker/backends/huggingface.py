@@ -8,7 +8,9 @@ Two forms, chosen by HF_API:
   TGI server), through `huggingface_hub.AsyncInferenceClient`. The reply is cut at the first
   "Human:" as it streams.
 
-MODEL_URL overrides the address in both forms.
+MODEL_URL overrides the address in both forms. A MODEL_URL that is a model's address
+(`.../models/<id>`, the tutorial's) means the text-generation form when HF_API is unset, and is
+refused at start with HF_API=chat (core/config.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from worker.backends.base import (
     ModelBackend,
     ModelError,
     TransientModelError,
+    Usage,
     http_failure,
     stream_with_retries,
 )
@@ -46,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 def create_huggingface_backend(settings: Settings) -> ModelBackend:
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    if settings.hf_api == "chat":
+    if settings.hf_form == "chat":
         return ChatCompletionsBackend(
             settings, base_url=settings.hf_endpoint, api_key=token, model=settings.hf_model
         )
@@ -59,6 +62,7 @@ class TextGenerationBackend(ModelBackend):
         self._url = url
         self._token = token
         self._what = f"the model at {url}"
+        self.size_prompt(settings, settings.model_context_tokens)
 
     def _client(self) -> AsyncInferenceClient:
         """A client for one request, closed when the reply ends.
@@ -72,16 +76,25 @@ class TextGenerationBackend(ModelBackend):
             model=self._url, token=self._token, timeout=self._settings.model_timeout_seconds
         )
 
-    def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+    def prompt_tokens(self, history: Sequence[Message]) -> int:
+        """The tutorial's prompt is one text (no system prompt): its estimate."""
+        return self.count_tokens(build_prompt(history))
+
+    def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
+        history = self.fit(history)
+        usage = usage if usage is not None else Usage()
+        usage.prompt = self.prompt_tokens(history)
         prompt = build_prompt(history)
         return stream_with_retries(
-            lambda: self._attempt(prompt), self._settings.model_max_retries, self._what
+            lambda: self._attempt(prompt, usage), self._settings.model_max_retries, self._what
         )
 
-    async def _attempt(self, prompt: str) -> AsyncIterator[str]:
+    async def _attempt(self, prompt: str, usage: Usage) -> AsyncIterator[str]:
         try:
             async with self._client() as client:
-                async for piece in self._pieces(client, prompt):
+                async for piece in self._pieces(client, prompt, usage):
                     yield piece
         except HfHubHTTPError as exc:
             raise _http_failure(exc) from exc
@@ -97,8 +110,11 @@ class TextGenerationBackend(ModelBackend):
         except (httpx2.TransportError, OSError) as exc:
             raise TransientModelError(f"connection failed: {exc or type(exc).__name__}") from exc
 
-    async def _pieces(self, client: AsyncInferenceClient, prompt: str) -> AsyncIterator[str]:
-        """The reply's text, special tokens skipped, ending before any "Human:" line."""
+    async def _pieces(
+        self, client: AsyncInferenceClient, prompt: str, usage: Usage
+    ) -> AsyncIterator[str]:
+        """The reply's text, special tokens skipped, ending before any "Human:" line. The last
+        event's `details` (asked for with `details=True`) carries TGI's token counts."""
         cut = StopSequenceFilter(HUMAN_TAG)
         stream = await client.text_generation(
             prompt,
@@ -111,6 +127,9 @@ class TextGenerationBackend(ModelBackend):
             stop=[HUMAN_TAG],
         )
         async for output in stream:
+            if output.details is not None:  # older TGI versions leave input_length out
+                usage.prompt = output.details.input_length or usage.prompt
+                usage.completion = output.details.generated_tokens
             if output.token.special:
                 continue
             piece = cut.feed(output.token.text)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from core.config import Settings
 from core.models import Message
-from worker.backends.base import ModelBackend, ModelError, ModelUnavailable
+from worker.backends.base import ModelBackend, ModelError, ModelUnavailable, Usage
 from worker.backends.batching import END, BatchEngine, EngineConfig, Generation
 from worker.prompt import chat_turns
 
@@ -86,6 +86,9 @@ class LocalBackend(ModelBackend):
         self.model_path = settings.local_model_path or default_model_path()
         self.max_concurrency = settings.local_batch_slots
         self._engine: BatchEngine | None = None
+        self.size_prompt(settings, settings.local_context_tokens)
+        # A slot's last cell is never filled: BatchEngine.submit takes at most this many.
+        self.context_tokens -= 1
 
     async def start(self) -> None:
         if not self.model_path.is_file():
@@ -119,11 +122,26 @@ class LocalBackend(ModelBackend):
         if engine is not None:
             await asyncio.to_thread(engine.close)
 
-    async def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+    def count_tokens(self, text: str) -> int:
+        """The model's own tokenizer (the estimate before the model is loaded)."""
+        if self._engine is None:
+            return super().count_tokens(text)
+        return len(self._engine.tokenize(text))
+
+    def prompt_tokens(self, history: Sequence[Message]) -> int:
+        """Exact: the prompt as the model gets it, chat template and system prompt included."""
+        if self._engine is None:
+            return super().prompt_tokens(history)
+        return len(self._engine.tokenize_chat(chat_turns(history, self.system_prompt)))
+
+    async def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
         engine = self._engine
         if engine is None:
             raise ModelUnavailable("The local model is not loaded")
-        turns = chat_turns(history, self._settings.system_prompt)
+        turns = chat_turns(self.fit(history), self._settings.system_prompt)
+        usage = usage if usage is not None else Usage()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         ended = asyncio.Event()
@@ -142,6 +160,7 @@ class LocalBackend(ModelBackend):
             engine.submit(generation)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"The local model cannot answer: {exc}") from exc
+        usage.prompt = len(generation.prompt)
         try:
             while (item := await queue.get()) is not END:
                 if isinstance(item, Exception):
@@ -151,3 +170,4 @@ class LocalBackend(ModelBackend):
         finally:
             engine.cancel(generation)  # a stop or timeout frees the slot before the next step
             await asyncio.shield(ended.wait())
+            usage.completion = generation.produced  # llama.cpp's count, final once it ended

@@ -25,6 +25,7 @@ from core.models import Message
 from worker.backends.base import (
     ModelBackend,
     TransientModelError,
+    Usage,
     http_failure,
     stream_with_retries,
 )
@@ -39,6 +40,7 @@ class ChatCompletionsBackend(ModelBackend):
     ) -> None:
         self._settings = settings
         self._model = model
+        self.size_prompt(settings, settings.model_context_tokens)
         self._what = f"the model server at {base_url}"
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
@@ -51,13 +53,20 @@ class ChatCompletionsBackend(ModelBackend):
     async def aclose(self) -> None:
         await self._client.close()
 
-    def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
+    def stream_reply(
+        self, history: Sequence[Message], usage: Usage | None = None
+    ) -> AsyncIterator[str]:
+        history = self.fit(history)
+        usage = usage if usage is not None else Usage()
+        usage.prompt = self.prompt_tokens(history)
         turns = chat_turns(history, self._settings.system_prompt)
         return stream_with_retries(
-            lambda: self._attempt(turns), self._settings.model_max_retries, self._what
+            lambda: self._attempt(turns, usage), self._settings.model_max_retries, self._what
         )
 
-    async def _attempt(self, turns: list[Any]) -> AsyncIterator[str]:
+    async def _attempt(self, turns: list[Any], usage: Usage) -> AsyncIterator[str]:
+        """One request. The server's own token counts come in a last chunk, which
+        `include_usage` asks for (every OpenAI-compatible server we target sends it)."""
         try:
             stream = await self._client.post(
                 "/chat/completions",
@@ -65,6 +74,7 @@ class ChatCompletionsBackend(ModelBackend):
                     "model": self._model,
                     "messages": turns,
                     "stream": True,
+                    "stream_options": {"include_usage": True},
                     "max_tokens": self._settings.model_max_new_tokens,
                     "temperature": self._settings.model_temperature,
                 },
@@ -75,6 +85,9 @@ class ChatCompletionsBackend(ModelBackend):
             )
             async with stream:
                 async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage.prompt = chunk.usage.prompt_tokens
+                        usage.completion = chunk.usage.completion_tokens
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
         except openai.APIStatusError as exc:
