@@ -217,7 +217,7 @@ async def open_exchange(
     except BaseException:
         await stack.aclose()
         raise
-    logger.info("http message %s queued for session %s", short(message_id or "-"), short(token))
+    logger.info("http message %s queued for session %s", short(exchange.message_id), short(token))
     return exchange
 
 

@@ -1,0 +1,134 @@
+"""POST /v1/chat/stream against the real stack: Server-Sent Events of the socket's events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import make_settings
+from tests.support.model_servers import HttpError, ModelServer
+from tests.support.stack import Stack, running_stack
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        yield client
+
+
+async def read_stream(
+    http: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every event's data, and every comment line, until the stream ends."""
+    events: list[dict[str, Any]] = []
+    comments: list[str] = []
+    async with http.stream("POST", "/v1/chat/stream", json=body, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+            elif line.startswith(":"):
+                comments.append(line)
+    return events, comments
+
+
+async def until_answered(stack: Stack, token: str) -> list[dict[str, Any]]:
+    for _ in range(150):
+        messages: list[dict[str, Any]] = (await stack.history(token))["messages"]
+        if len(messages) == 2:
+            return messages
+        await asyncio.sleep(0.1)
+    raise AssertionError("the reply was never stored")
+
+
+async def test_the_stream_carries_the_socket_events_and_ends_done(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    events, _ = await read_stream(http, {"message": "stream me please"})
+    kinds = [event.get("type") for event in events]
+    assert kinds[0] == "ack" and kinds[-2] == "message" and kinds[-1] is None
+    tokens = [event for event in events if event.get("type") == "token"]
+    assert tokens and all(event["token"] == event["delta"] for event in tokens)
+    ack, final, done = events[0], events[-2], events[-1]
+    assert "".join(event["token"] for event in tokens) == final["msg"] == "echo: stream me please"
+    assert done["done"] is True
+    assert done["reply_id"] == final["id"] and done["message_id"] == ack["id"]
+    messages = (await stack.history(done["conversation_id"]))["messages"]
+    assert [m["id"] for m in messages] == [ack["id"], final["id"]]
+
+
+async def test_a_refusal_before_storing_is_an_http_status(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    response = await http.post("/v1/chat/stream", json={"message": "x" * 5000})
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["code"] == "too_large"
+    missing = await http.post(
+        "/v1/chat/stream",
+        json={"message": "hi", "conversation_id": "69a68d0c-1547-41ee-8b49-8e56d609ca33"},
+    )
+    assert missing.status_code == 404
+
+
+async def test_a_model_error_ends_with_the_error_event_and_a_done_with_the_error(
+    stack: Stack, http: httpx.AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.behaviour.script.append(HttpError(400, "no"))
+    events, _ = await read_stream(http, {"message": "fail"})
+    error, done = events[-2], events[-1]
+    assert error["type"] == "error" and error["code"] == "model_error"
+    assert done["done"] is True and "reply_id" not in done
+    assert done["error"]["code"] == "model_error"
+
+
+async def test_a_client_that_disconnects_does_not_cancel_the_reply(
+    stack: Stack, http: httpx.AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.1
+    token = await stack.new_session()
+    body = {"message": "one two three four five six", "conversation_id": token}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.stream("POST", "/v1/chat/stream", json=body, headers=headers) as response:
+        async for line in response.aiter_lines():
+            if '"type":"token"' in line:
+                break  # leave mid-reply
+    human, bot = await until_answered(stack, token)
+    assert bot["msg"] == "echo: one two three four five six" and "stopped" not in bot
+    assert bot["reply_to"] == human["id"]
+    hub = stack.server.app.state.services.hub  # the stream let go of the session's events
+    for _ in range(50):
+        if hub.channels == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert hub.channels == 0
+
+
+async def test_with_no_worker_it_keeps_alive_then_ends_with_a_timeout(
+    redis_url: str, model_server: ModelServer
+) -> None:
+    settings = make_settings(
+        redis_url,
+        openai_base_url=model_server.openai_base_url,
+        http_reply_timeout_seconds=1.0,
+        sse_heartbeat_seconds=0.2,
+    )
+    async with running_stack(settings, workers=0) as stack, httpx.AsyncClient(
+        base_url=stack.url, timeout=30
+    ) as http:
+        events, comments = await read_stream(http, {"message": "anyone?"})
+        assert len(comments) >= 3 and set(comments) == {": keepalive"}
+        kinds = [event.get("type") for event in events]
+        assert kinds == ["ack", "notice", "error", None]
+        assert events[1]["code"] == "queued" and events[2]["code"] == "timeout"
+        done = events[-1]
+        assert done["error"]["code"] == "timeout"
+        stack.add_worker()
+        human, bot = await until_answered(stack, done["conversation_id"])
+        assert bot["reply_to"] == human["id"] == done["message_id"]
