@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from core.config import Settings
 from server.frames import is_control
@@ -122,3 +122,43 @@ RATE_LIMITED = answer(
     retry_after=True,
 )
 UNAVAILABLE = answer(Detail, "Redis is unreachable: nothing was done; try again", retry_after=True)
+
+
+def inline_schema(annotation: Any) -> dict[str, Any]:
+    """The JSON Schema of `annotation` with its definitions written in place: a schema that
+    sits inside another document (an SSE event's `contentSchema`) cannot point at its own
+    `$defs`, as `#` there is the OpenAPI document."""
+    schema = TypeAdapter(annotation).json_schema(mode="serialization")
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def event_stream_schema(events: Any) -> dict[str, Any]:
+    """The schema of one Server-Sent Event whose `data` is JSON of one of `events` (OpenAPI
+    3.1 has a text/event-stream's `schema` describe each event)."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": inline_schema(events),
+            },
+        },
+        "required": ["data"],
+    }

@@ -1,9 +1,13 @@
 """schemathesis's own CLI, every check, against the live service: `st run .../openapi.json
 --checks all` with the server and a worker as real processes and a model server answering.
 
-Rate limits are off so the fuzzer reaches the handlers (they are tested in test_limits.py);
-examples are bounded so the run takes about a minute. Any failure schemathesis reports fails
-the test, with its report in the message.
+Every operation of the schema gets inputs that fit it and inputs that do not: none may get a
+500, an answer the schema does not describe, a refusal of valid input or an acceptance of
+invalid input, and a method a path does not have gets 405 with the path's `Allow`. Rate
+limits are off so the fuzzer reaches the handlers (they are tested in test_limits.py);
+examples are bounded so the run takes well under a minute. Any failure schemathesis reports
+fails the test, with its report in the message. (This replaces the in-process fuzzing of
+test_openapi_fuzz.py, whose one check, no 500, is one of these.)
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from core.config import Settings
 from tests.conftest import make_settings
+from tests.support.asgi_server import InProcessServer
 from tests.support.model_servers import ModelServer
 from tests.support.processes import ROOT, ServerChild, WorkerChild, settings_env
 
 ST = Path(sys.executable).with_name("st")
-MAX_EXAMPLES = 15
+MAX_EXAMPLES = 60
 NO_LIMITS = {
     "RATE_LIMIT_TOKEN_REQUESTS": "0",
     "RATE_LIMIT_REFRESH_REQUESTS": "0",
@@ -52,15 +59,15 @@ def live_server(live_settings: Settings, tmp_path: Path) -> Iterator[ServerChild
         worker.stop()
 
 
-@pytest.mark.timeout(300)
-async def test_schemathesis_finds_no_failure(live_server: ServerChild, tmp_path: Path) -> None:
+async def run_st(url: str, cwd: Path) -> tuple[int | None, str]:
+    """`st run` with every check; its exit status and its report."""
     process = await asyncio.create_subprocess_exec(
         str(ST),
         "--no-color",
         "--config-file",
         str(ROOT / "schemathesis.toml"),
         "run",
-        f"{live_server.url}/openapi.json",
+        f"{url}/openapi.json",
         "--checks",
         "all",
         "--max-examples",
@@ -70,10 +77,28 @@ async def test_schemathesis_finds_no_failure(live_server: ServerChild, tmp_path:
         "2",
         "--request-timeout",
         "20",
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()
-    report = output.decode(errors="replace")
-    assert process.returncode == 0, report[-12000:]
+    return process.returncode, output.decode(errors="replace")
+
+
+@pytest.mark.timeout(300)
+async def test_schemathesis_finds_no_failure(live_server: ServerChild, tmp_path: Path) -> None:
+    status, report = await run_st(live_server.url, tmp_path)
+    assert status == 0, report[-12000:]
+
+
+async def test_the_run_does_fail_on_a_server_error(tmp_path: Path) -> None:
+    app = FastAPI()
+
+    @app.get("/broken")
+    async def broken(n: int) -> JSONResponse:
+        return JSONResponse({"n": n}, status_code=500 if n > 3 else 200)
+
+    async with InProcessServer(app) as served:
+        status, report = await run_st(served.url, tmp_path)
+    assert status == 1, report[-4000:]
+    assert "Server error" in report

@@ -119,9 +119,10 @@ async def test_with_no_worker_it_keeps_alive_then_ends_with_a_timeout(
         http_reply_timeout_seconds=1.0,
         sse_heartbeat_seconds=0.2,
     )
-    async with running_stack(settings, workers=0) as stack, httpx.AsyncClient(
-        base_url=stack.url, timeout=30
-    ) as http:
+    async with (
+        running_stack(settings, workers=0) as stack,
+        httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+    ):
         events, comments = await read_stream(http, {"message": "anyone?"})
         assert len(comments) >= 3 and set(comments) == {": keepalive"}
         kinds = [event.get("type") for event in events]

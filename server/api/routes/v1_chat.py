@@ -12,7 +12,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from core.models import ChatReply, ErrorCode, Message
+from core.models import (
+    AckEvent,
+    ChatDone,
+    ChatReply,
+    ConversationEvent,
+    DeltaEvent,
+    ErrorCode,
+    ErrorEvent,
+    Message,
+    MessageEvent,
+    NoticeEvent,
+)
 from server.api.auth import CallerDep
 from server.api.deps import ServicesDep
 from server.api.guards import client_address
@@ -22,6 +33,7 @@ from server.api.schema import (
     UUID4_PATTERN,
     answer,
     described,
+    event_stream_schema,
 )
 from server.event_stream import EventStream
 from server.exchange import STATUS, ChatRefused, Exchange, open_exchange
@@ -54,6 +66,17 @@ class ChatRequest(BaseModel):
             pattern=CLIENT_ID_PATTERN, minLength=1, maxLength=MAX_CLIENT_ID_CHARS
         ),
     )
+
+
+class StreamToken(DeltaEvent):
+    """A token event on the stream: the socket's, with its delta also as `token`."""
+
+    token: str
+
+
+StreamEvent = (
+    AckEvent | StreamToken | MessageEvent | ErrorEvent | NoticeEvent | ConversationEvent | ChatDone
+)
 
 
 class ChatError(BaseModel):
@@ -154,11 +177,12 @@ async def chat(
     "/chat/stream",
     response_class=EventStream,
     response_model=None,
+    status_code=200,
     responses={
         200: {
             "description": "Server-Sent Events: each `data` is the socket's event JSON (token "
             'events also carry `"token"`), then `{"done": true, ...}` (docs/protocol.md)',
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": event_stream_schema(StreamEvent)}},
         },
         **{status: _json_only(entry) for status, entry in REFUSALS.items() if status != 504},
     },
