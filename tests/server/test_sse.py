@@ -133,3 +133,28 @@ async def test_with_no_worker_it_keeps_alive_then_ends_with_a_timeout(
         stack.add_worker()
         human, bot = await until_answered(stack, done["conversation_id"])
         assert bot["reply_to"] == human["id"] == done["message_id"]
+
+
+async def test_missed_events_are_made_up_from_the_history(
+    redis_url: str, model_server: ModelServer
+) -> None:
+    """The hub's Pub/Sub connection came back after a break (events may have been lost): the
+    stream reads the reply from the history and still ends with it and a done."""
+    settings = make_settings(redis_url, openai_base_url=model_server.openai_base_url)
+    async with (
+        running_stack(settings, workers=0) as stack,
+        httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+    ):
+        hub = stack.server.app.state.services.hub
+        reading = asyncio.create_task(read_stream(http, {"message": "lost and found"}))
+        for _ in range(100):
+            if hub.channels:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the ack is through
+        hub._on_reconnect(None)  # what redis-py calls after reconnecting
+        stack.add_worker()
+        events, _ = await asyncio.wait_for(reading, 20)
+    final, done = events[-2], events[-1]
+    assert final["type"] == "message" and final["msg"] == "echo: lost and found"
+    assert done["done"] is True and done["reply_id"] == final["id"]

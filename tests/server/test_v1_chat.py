@@ -235,3 +235,25 @@ async def test_with_no_worker_it_is_504_and_the_reply_is_stored_later(
         human, bot = history["messages"]
         assert human["id"] == error["message_id"]
         assert (bot["reply_to"], bot["msg"]) == (human["id"], "echo: anyone?")
+
+
+async def test_missed_events_are_made_up_from_the_history(
+    redis_url: str, model_server: ModelServer
+) -> None:
+    settings = make_settings(redis_url, openai_base_url=model_server.openai_base_url)
+    async with (
+        running_stack(settings, workers=0) as stack,
+        httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+    ):
+        hub = stack.server.app.state.services.hub
+        asking = asyncio.create_task(http.post("/v1/chat", json={"message": "still there?"}))
+        for _ in range(100):
+            if hub.channels:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        hub._on_reconnect(None)  # Pub/Sub came back after a break: events may be lost
+        stack.add_worker()
+        response = await asyncio.wait_for(asking, 20)
+    assert response.status_code == 201, response.text
+    assert response.json()["response"] == "echo: still there?"
