@@ -39,7 +39,7 @@ from core.models import (
     short,
 )
 from server.api.routes.chat import QUEUED
-from server.exchange import HISTORY_POLL_SECONDS, Exchange
+from server.exchange import HISTORY_POLL_SECONDS, Exchange, ends_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class EventStream(Response):
                 await self._event(send, _queued_notice(exchange.message_id))
             if event.get("type") in ("message", "error"):
                 final = event
-            if event.get("type") in ("message", "error", "conversation"):
+            if final is not None or ends_conversation(event):
                 break
         if final is None and exchange.missed:  # events were dropped: the history has it
             stored = await self._poll_history(send, deadline)

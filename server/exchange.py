@@ -31,6 +31,7 @@ from core.models import (
 from core.store import BacklogFull, Queued, RateLimited
 from server.api.auth import CONVERSATION_MISSING, Caller, conversation_for
 from server.api.deps import Services
+from server.api.errors import REDIS_UNAVAILABLE
 from server.frames import FrameError, parse_message
 from server.hub import CloseSocket, Outbox, OutboxOverflow
 
@@ -134,7 +135,7 @@ class Exchange:
             if not self._concerns(event):
                 continue
             yield event
-            if event.get("type") in FINAL or _ends_conversation(event):
+            if event.get("type") in FINAL or ends_conversation(event):
                 return
 
     def _concerns(self, event: dict[str, Any]) -> bool:
@@ -157,7 +158,7 @@ class Exchange:
         async for event in self.events(max(remaining, 0.01)):
             if event is not None and event.get("type") in FINAL:
                 return event
-            if event is not None and _ends_conversation(event):
+            if event is not None and ends_conversation(event):
                 raise self.gone(event)
             if time.monotonic() >= deadline:
                 raise TimeoutError
@@ -174,7 +175,7 @@ class Exchange:
         return ChatRefused(409, RESET, conversation_id=self.token, message_id=self.message_id)
 
 
-def _ends_conversation(event: dict[str, Any]) -> bool:
+def ends_conversation(event: dict[str, Any]) -> bool:
     """A delete or a reset: the message is gone and will not be answered."""
     return event.get("type") == "conversation" and event.get("change") in (
         ConversationChange.DELETED,
@@ -203,7 +204,11 @@ async def open_exchange(
     token, created = await _conversation(services, caller, address, conversation_id, client_id)
     stack = contextlib.AsyncExitStack()
     try:
-        outbox = await stack.enter_async_context(services.hub.subscribe(token))
+        try:
+            outbox = await stack.enter_async_context(services.hub.subscribe(token))
+        except (TimeoutError, OSError) as exc:  # Redis did not confirm the subscription
+            logger.warning("could not subscribe to session %s: %s", short(token), exc)
+            raise ChatRefused(503, REDIS_UNAVAILABLE, retry_after=1) from exc
         message_id = client_message_id(token, client_id) if client_id else None
         stored = await services.store.queue_message(
             token, parsed.text, client_id, address=address, message_id=message_id

@@ -158,3 +158,30 @@ async def test_missed_events_are_made_up_from_the_history(
     final, done = events[-2], events[-1]
     assert final["type"] == "message" and final["msg"] == "echo: lost and found"
     assert done["done"] is True and done["reply_id"] == final["id"]
+
+
+async def test_a_title_change_is_passed_on_and_a_delete_ends_the_stream(
+    stack: Stack, http: httpx.AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.2
+    store = stack.server.app.state.services.store
+    token = await stack.new_session()
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"message": "a b c d e f g h i j", "conversation_id": token}
+    events: list[dict[str, Any]] = []
+    async with http.stream("POST", "/v1/chat/stream", json=body, headers=headers) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(json.loads(line.removeprefix("data: ")))
+            if events[-1].get("type") == "token" and len(events) == 2:
+                await store.set_title(token, "renamed")
+            elif events[-1].get("change") == "title":
+                await store.delete(token)
+    changes = [event["change"] for event in events if event.get("type") == "conversation"]
+    assert changes == ["title", "deleted"]
+    done = events[-1]
+    assert done["done"] is True and "reply_id" not in done and "error" not in done
+    assert not any(event.get("type") == "message" for event in events)
+    await asyncio.sleep(2.5)  # the generation was cancelled; nothing was stored anywhere
+    assert await store.get(token) is None

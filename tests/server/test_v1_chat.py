@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +18,11 @@ from core.accounts import AccountStore
 from core.config import Settings
 from core.redis import create_redis
 from core.store import SessionStore
+from launcher.redis_server import EmbeddedRedis, free_port
+from server.api.errors import REDIS_UNAVAILABLE
+from server.main import create_app
 from tests.conftest import make_settings
+from tests.support.asgi_server import InProcessServer
 from tests.support.model_servers import HttpError, ModelServer
 from tests.support.stack import Stack, running_stack
 
@@ -257,3 +262,33 @@ async def test_missed_events_are_made_up_from_the_history(
         response = await asyncio.wait_for(asking, 20)
     assert response.status_code == 201, response.text
     assert response.json()["response"] == "echo: still there?"
+
+
+async def test_a_conversation_deleted_while_its_reply_is_awaited_is_404(
+    stack: Stack, http: httpx.AsyncClient, model_server: ModelServer
+) -> None:
+    model_server.behaviour.token_delay = 0.2
+    token = await stack.new_session()
+    body = {"message": "one two three four five", "conversation_id": token}
+    asking = asyncio.create_task(http.post("/v1/chat", json=body, headers=bearer(token)))
+    await asyncio.sleep(0.5)
+    assert await stack.server.app.state.services.store.delete(token)
+    response = await asking
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Conversation not found"}
+
+
+async def test_while_redis_is_down_it_is_503_with_retry_after(tmp_path: Path) -> None:
+    with EmbeddedRedis(free_port(), tmp_path) as restarted:
+        async with (
+            InProcessServer(create_app(make_settings(restarted.url))) as served,
+            httpx.AsyncClient(base_url=served.url) as http,
+        ):
+            await asyncio.to_thread(restarted.stop)
+            refused = await http.post("/v1/chat", json={"message": "hello?"})
+            streamed = await http.post("/v1/chat/stream", json={"message": "hello?"})
+            await asyncio.to_thread(restarted.start)
+    for response in (refused, streamed):
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": REDIS_UNAVAILABLE}
+        assert response.headers["retry-after"] == "1"
