@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from core.keys import Keys
+from core.models import client_message_id, new_id
 from tests.conftest import make_settings
 from tests.support.model_servers import HttpError, ModelServer
+from tests.support.raw_ws import RawSocket
 from tests.support.stack import Stack, running_stack
 
 
@@ -185,3 +191,59 @@ async def test_a_title_change_is_passed_on_and_a_delete_ends_the_stream(
     assert not any(event.get("type") == "message" for event in events)
     await asyncio.sleep(2.5)  # the generation was cancelled; nothing was stored anywhere
     assert await store.get(token) is None
+
+
+async def test_a_reader_too_slow_for_its_outbox_still_gets_the_reply_from_the_history(
+    redis_url: str, model_server: ModelServer, redis: Redis
+) -> None:
+    """6 MB of token events for a stream whose client reads nothing for a second: more than
+    the kernel's buffers and the outbox's 256 KiB. The outbox drops them (memory stays
+    bounded) and the stream, once the client reads, ends with the stored reply and a done."""
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, outbox_max_bytes=256 * 1024
+    )
+    async with running_stack(settings, workers=0) as stack:
+        token = await stack.new_session()
+        message_id = client_message_id(token, "slow-1")
+        body = json.dumps({"message": "slowly", "conversation_id": token, "client_id": "slow-1"})
+        slow = await open_raw_stream(stack.url, body, token)
+        try:
+            hub = stack.server.app.state.services.hub
+            for _ in range(100):
+                if hub.channels and humans_of(await stack.history(token)):
+                    break
+                await asyncio.sleep(0.05)
+            event = {"type": "token", "id": new_id(), "reply_to": message_id, "delta": "x" * 20_000}
+            channel = Keys(settings.key_prefix).events(token)
+            for _ in range(300):
+                await redis.publish(channel, json.dumps(event))
+            await asyncio.sleep(1)
+            stack.add_worker()
+            received = (await slow.read_until_closed(timeout=30)).decode(errors="replace")
+        finally:
+            slow.close()
+    assert received.count('"type":"token"') < 300  # the outbox dropped what it could not hold
+    assert '"type":"message"' in received and '"msg":"echo: slowly"' in received
+    assert '"done":true' in received and received.rstrip().endswith("0")  # the last chunk
+
+
+async def open_raw_stream(url: str, body: str, token: str) -> RawSocket:
+    """POST /v1/chat/stream from a bare TCP socket with a small receive buffer, which reads
+    only when told to (httpx reads in the background)."""
+    parts = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (parts.hostname or "127.0.0.1", parts.port or 80))
+    request = (
+        f"POST /v1/chat/stream HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    return RawSocket(sock)
+
+
+def humans_of(history: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in history["messages"] if m["source"] == "human"]
