@@ -17,12 +17,12 @@ longer than SOCKET_SEND_TIMEOUT_SECONDS ends the stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -68,8 +68,12 @@ class EventStream(Response):
             done, _ = await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             for task in (streamer, watcher):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError, TimeoutError):
+                try:
                     await task
+                except (asyncio.CancelledError, OSError, TimeoutError):
+                    pass  # the client left, or a send took too long: the stream just ends
+                except RedisError as exc:
+                    logger.warning("sse stream ended: Redis: %s: %s", type(exc).__name__, exc)
             if streamer in done and not streamer.cancelled() and streamer.exception() is None:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             elif watcher in done:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, TypeAdapter
 
 from core.config import Settings
@@ -115,6 +116,16 @@ def answer(model: type[BaseModel], description: str, *, retry_after: bool = Fals
         }
     return entry
 
+
+# A conversation id in a path (`/v1/conversations/{conversation_id}`): any other id is a 404,
+# so schemathesis must know that only UUID4s are meant.
+ConversationId = Annotated[
+    str,
+    Path(
+        description="the conversation's id (its session token): a lower-case UUID4",
+        json_schema_extra=described(pattern=UUID4_PATTERN),
+    ),
+]
 
 RATE_LIMITED = answer(
     Detail,
