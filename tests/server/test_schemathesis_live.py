@@ -21,7 +21,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from core.accounts import AccountStore
 from core.config import Settings
+from core.keys import Keys
+from core.redis import create_redis
 from tests.conftest import make_settings
 from tests.support.asgi_server import InProcessServer
 from tests.support.model_servers import ModelServer
@@ -46,6 +49,17 @@ def live_settings(redis_url: str, model_server: ModelServer) -> Settings:
 
 
 @pytest.fixture
+async def api_key(live_settings: Settings) -> str:
+    """A user's key, sent with every request, so the routes that need one are reached."""
+    redis = create_redis(live_settings)
+    try:
+        _, key = await AccountStore(redis, Keys(live_settings.key_prefix)).register("Fuzz")
+    finally:
+        await redis.aclose()
+    return key
+
+
+@pytest.fixture
 def live_server(live_settings: Settings, tmp_path: Path) -> Iterator[ServerChild]:
     env = settings_env(live_settings, **NO_LIMITS)
     worker = WorkerChild("worker", env, tmp_path)
@@ -59,7 +73,7 @@ def live_server(live_settings: Settings, tmp_path: Path) -> Iterator[ServerChild
         worker.stop()
 
 
-async def run_st(url: str, cwd: Path) -> tuple[int | None, str]:
+async def run_st(url: str, cwd: Path, *options: str) -> tuple[int | None, str]:
     """`st run` with every check; its exit status and its report."""
     process = await asyncio.create_subprocess_exec(
         str(ST),
@@ -77,6 +91,7 @@ async def run_st(url: str, cwd: Path) -> tuple[int | None, str]:
         "2",
         "--request-timeout",
         "20",
+        *options,
         cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -86,8 +101,12 @@ async def run_st(url: str, cwd: Path) -> tuple[int | None, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_schemathesis_finds_no_failure(live_server: ServerChild, tmp_path: Path) -> None:
-    status, report = await run_st(live_server.url, tmp_path)
+async def test_schemathesis_finds_no_failure(
+    live_server: ServerChild, api_key: str, tmp_path: Path
+) -> None:
+    status, report = await run_st(
+        live_server.url, tmp_path, "--header", f"Authorization: Bearer {api_key}"
+    )
     assert status == 0, report[-12000:]
 
 
