@@ -254,6 +254,11 @@ class Settings(BaseSettings):
         description="POST /v1/chat waits this long for the reply, then answers 504 (the reply "
         "is still stored when it comes)",
     )
+    sse_heartbeat_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="POST /v1/chat/stream sends a keepalive comment this often while waiting",
+    )
     conversations_page_size: int = Field(
         default=20, ge=1, le=100, description="GET /v1/conversations rows per page by default"
     )

@@ -5,6 +5,7 @@ All names start with `KEY_PREFIX` so several deployments (or test runs) can shar
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -74,6 +75,14 @@ class Keys:
         """Rate-limit state (a GCRA "theoretical arrival time", ms) for one kind and subject:
         `msg-session`/token, `msg-address`/address, `http-token`/address, ..."""
         return f"{self.prefix}:rate:{kind}:{subject}"
+
+    def chat_client(self, scope: str, client_id: str) -> str:
+        """The conversation a `POST /v1/chat` with this client_id and no conversation_id
+        created (core/store.py `claim_conversation`), so its retry goes there too. `scope` is
+        the caller's user id (in the user's hash tag, with the user's other keys) or, for an
+        anonymous caller, its client address. The client_id is hashed: any text, fixed size."""
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]
+        return f"{self.prefix}:chat-client:{{{scope}}}:{digest}"
 
     # --- Accounts (API v1): core/accounts.py writes these. ------------------------------------
     # A user's keys share the hash tag `{user_id}`, so on a Redis Cluster they sit in one slot

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,6 +20,14 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def client_message_id(token: str, client_id: str) -> str:
+    """The id a message sent with `client_id` to session `token` gets: the same for every
+    retry, so add_human_message.lua (which refuses a message id it holds already) stores it
+    once. A canonical UUID4 in shape (version and variant bits set) like every message id."""
+    digest = hashlib.sha256(f"{token}\0{client_id}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def is_uuid4(value: str) -> bool:
@@ -135,6 +144,35 @@ class ConversationSummary(BaseModel):
     created: datetime
     updated: datetime
     message_count: int
+
+
+# --- Chat over HTTP (API v1: POST /v1/chat and /v1/chat/stream) ---------------------------
+
+
+class ChatReply(BaseModel):
+    """The answer of `POST /v1/chat`: the stored reply to the stored message."""
+
+    response: str
+    conversation_id: str
+    message_id: str
+    reply_id: str
+    # Prompt plus completion tokens, from the reply's `message` event (left out when unknown).
+    tokens_used: int | None = None
+    # True when a stop cut the reply (its text is the part produced).
+    stopped: bool | None = None
+    sources: list[str] = Field(default_factory=list)
+
+
+class ChatDone(BaseModel):
+    """The last event of `POST /v1/chat/stream`: after the reply's `message` event, or after
+    its `error` event (then `error` holds its code and detail, and there is no reply_id)."""
+
+    done: Literal[True] = True
+    conversation_id: str
+    message_id: str
+    reply_id: str | None = None
+    tokens_used: int | None = None
+    error: ReplyError | None = None
 
 
 # --- Server -> client events -----------------------------------------------------------------

@@ -133,12 +133,18 @@ class SessionStore:
     # --- Sessions ----------------------------------------------------------------------------
 
     async def create(
-        self, name: str, *, user_id: str | None = None, title: str | None = None
+        self,
+        name: str,
+        *,
+        user_id: str | None = None,
+        title: str | None = None,
+        token: str | None = None,
     ) -> Session:
         """A new, empty session; owned by `user_id` (and in its index) when given. The title
-        stays unset (left out of the document) until one is set or the first message sets it."""
+        stays unset (left out of the document) until one is set or the first message sets it.
+        `token` is one reserved by `claim_conversation` (else a new one)."""
         session = Session(
-            token=new_id(), name=name, session_start=utcnow(), title=title, user_id=user_id
+            token=token or new_id(), name=name, session_start=utcnow(), title=title, user_id=user_id
         )
         if user_id is not None:  # index first: see core/conversations.py
             await self.index.add(user_id, session.token, _epoch_ms(session.session_start))
@@ -174,6 +180,27 @@ class SessionStore:
             raw, stopped = await pipe.execute()
         return _parse_messages(raw), _stop_time(stopped)
 
+    async def reply_to(self, token: str, message_id: str) -> Message | None:
+        """The stored answer to `message_id` (a reply or an error entry), if there is one."""
+        if not is_uuid4(message_id):
+            return None
+        path = f'$.messages[?(@.reply_to=="{message_id}")]'
+        raw: Any = await self.redis.json().get(self.keys.session(token), path)
+        replies = _parse_slice(raw)
+        return replies[0] if replies else None
+
+    async def claim_conversation(self, scope: str, client_id: str, token: str) -> str | None:
+        """Reserve `token` as the conversation that the first `POST /v1/chat` with this
+        `client_id` and no conversation_id creates, for `scope` (a user id, or the client
+        address of an anonymous caller). Returns the token reserved by an earlier call (a
+        retry: it goes to that conversation), or None when `token` is now reserved. Kept as
+        long as a session lives."""
+        key = self.keys.chat_client(scope, client_id)
+        earlier: Any = await self.redis.set(key, token, nx=True, get=True, ex=self._ttl)
+        if earlier is None:
+            return None
+        return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
+
     async def recent_messages(self, token: str, count: int) -> Recent | None:
         """The session's newest `count` messages and its latest stop time, in one round trip:
         what the worker reads for each message it answers, so the cost of an answer does not
@@ -198,14 +225,16 @@ class SessionStore:
         address: str | None = None,
         rate_limited: bool = True,
         backlog_capped: bool = True,
+        message_id: str | None = None,
     ) -> Queued | RateLimited | BacklogFull | None:
         """Check the session's backlog (MAX_UNANSWERED_MESSAGES) and the session's and the
         address's rate limits, then store the message, queue it for a worker and announce it
         (its `ack`), trimming the history to its cap: one atomic step and one round trip. The
         message is stamped with Redis's time, not this process's. Returns None when the
-        session has expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts)."""
+        session has expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts).
+        `message_id` (`client_message_id`): a retry with it is not stored again."""
         settings = self._settings
-        message = Message(source=Source.HUMAN, msg=text)
+        message = Message(id=message_id or new_id(), source=Source.HUMAN, msg=text)
         ack = AckEvent(
             id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
         )

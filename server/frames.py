@@ -76,6 +76,11 @@ HELP = (
 )
 
 
+def is_control(char: str) -> bool:
+    """A character no message or client_id may hold (the OpenAPI schema's patterns)."""
+    return _CONTROL.match(char) is not None
+
+
 def quoted(text: str) -> str:
     """`text` as an error repeats it: its first QUOTED_CHARS characters, an ellipsis if cut,
     in Python's quoting (so controls and lone surrogates come out as escapes)."""
@@ -221,3 +226,16 @@ def _unicode_problem(text: str) -> str | None:
                 f"character {exc.start}: it is not valid Unicode text"
             )
     return None
+
+
+def parse_message(
+    msg: str, client_id: str | None, max_chars: int, max_bytes: int
+) -> ChatMessage | FrameError:
+    """A chat message sent some other way than a frame (POST /v1/chat): the rules of a
+    `message` command, so both ways refuse the same texts with the same errors."""
+    command: dict[str, object] = {"type": "message", "msg": msg}
+    if client_id is not None:
+        command["client_id"] = client_id
+    parsed = _parse_command(command, max_chars, max_bytes)
+    assert not isinstance(parsed, StopGeneration)
+    return parsed

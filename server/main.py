@@ -25,6 +25,7 @@ from server.api.deps import Services
 from server.api.errors import unavailable_response
 from server.api.main import api_router
 from server.api.routes import metrics
+from server.client_files import ClientFiles
 from server.hub import EventHub
 from server.security_headers import SecurityHeadersMiddleware
 from server.sockets import SocketRegistry
@@ -121,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RedisError, redis_unavailable)
     client_dir = settings.resolved_client_dir
     if client_dir.is_dir():
-        app.mount("/", StaticFiles(directory=client_dir, html=True), name="client")
+        files = StaticFiles(directory=client_dir, html=True)
+        app.router.routes.append(ClientFiles(files))
     else:
         logger.warning("no client page at %s; serving the API only", client_dir)
     return app

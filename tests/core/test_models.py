@@ -10,6 +10,7 @@ from core.models import (
     Message,
     ReplyError,
     Source,
+    client_message_id,
     dump_event,
     is_uuid4,
     reply_event,
@@ -64,3 +65,12 @@ def test_reply_event_for_a_reply_and_for_an_error() -> None:
         "code": "timeout",
         "detail": "too slow",
     }
+
+
+def test_a_client_message_id_is_a_uuid4_fixed_by_session_and_client_id() -> None:
+    token = str(uuid.uuid4())
+    first = client_message_id(token, "m-1")
+    assert is_uuid4(first)
+    assert first == client_message_id(token, "m-1")
+    assert first != client_message_id(token, "m-2")
+    assert first != client_message_id(str(uuid.uuid4()), "m-1")

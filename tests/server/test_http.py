@@ -259,3 +259,28 @@ async def test_an_expired_token_gets_400(
     await redis.delete(f"{stack_settings.key_prefix}:session:{token}")
     response = await client.get("/refresh_token", params={"token": token})
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("OPTIONS", "/token?name=Ann", "POST"),
+        ("GET", "/token", "POST"),
+        ("PUT", "/refresh_token", "GET"),
+        ("DELETE", "/v1/chat", "POST"),
+        ("GET", "/v1/chat/stream", "POST"),
+    ],
+)
+async def test_a_method_an_api_path_lacks_is_405_with_the_paths_methods(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    """Not the chat page's static files answering (they said `Allow: GET, HEAD`)."""
+    response = await client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+
+
+async def test_the_page_is_still_served_at_the_root(client: httpx.AsyncClient) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert (await client.get("/no-such-file.js")).status_code == 404

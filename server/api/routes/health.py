@@ -1,14 +1,48 @@
-"""Liveness and readiness, and the tutorial's `/test`."""
+"""Liveness and readiness, `/health` (API v1), and the tutorial's `/test`."""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from core.redis import eviction_warning, readiness_problem
-from server.api.deps import ServicesDep
+from server.api.deps import Services, ServicesDep
 
 router = APIRouter(tags=["health"])
+
+PACKAGE = "redis-chat"
+
+
+def package_version() -> str:
+    """The installed package's version (pyproject.toml), "unknown" when run from a tree that
+    was never installed."""
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Readiness(BaseModel):
+    status: str
+    detail: str | None = None
+    warnings: list[str] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    detail: str | None = None
+
+
+async def readiness(services: Services) -> str | None:
+    """None when the process can serve: events reach the sockets, Redis answers and JSON and
+    Streams work; else what is wrong, in words."""
+    if not services.hub.running:
+        return "event fan-out stopped (see the log)"
+    return await readiness_problem(services.redis, services.keys)  # built in the lifespan
 
 
 @router.get("/test")
@@ -22,20 +56,36 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Redis is not usable; the reason"}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses={503: {"model": Readiness, "description": "Not ready; `detail` says why"}},
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """200 when Redis answers, JSON and Streams work and events reach the sockets; else 503
     with the reason. A Redis that could evict the service's keys is still ready, with
     `warnings` saying so (the server also logs it once at startup)."""
-    if not services.hub.running:
-        return JSONResponse(
-            {"status": "unavailable", "detail": "event fan-out stopped (see the log)"},
-            status_code=503,
-        )
-    problem = await readiness_problem(services.redis, services.keys)  # built in the lifespan
+    problem = await readiness(services)
     if problem is not None:
         return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
     warning = await eviction_warning(services.redis)
     if warning is not None:
         return JSONResponse({"status": "ready", "warnings": [warning]})
     return JSONResponse({"status": "ready"})
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "Not ready (as /readyz); `detail` says why"}},
+)
+async def health(services: ServicesDep) -> JSONResponse:
+    """`{"status": "healthy", "version"}` when ready, by the checks of /readyz; 503
+    `{"status": "unhealthy", "version", "detail"}` otherwise."""
+    problem = await readiness(services)
+    if problem is not None:
+        body = {"status": "unhealthy", "version": package_version(), "detail": problem}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "healthy", "version": package_version()})

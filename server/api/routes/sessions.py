@@ -11,16 +11,38 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from core.models import Session, short
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
+from server.api.schema import (
+    MAX_NAME_CHARS,
+    NAME_PATTERN,
+    RATE_LIMITED,
+    UNAVAILABLE,
+    UUID4_PATTERN,
+    Detail,
+    NameRefused,
+    answer,
+    described,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["sessions"])
 
 SESSION_MISSING = "Session expired or does not exist"
 LIMIT_HELP = "only the newest N messages (default: all of them, as the tutorial's clients expect)"
-RATE_LIMITED = {
-    "description": "Too many requests from this address; the Retry-After header says when to "
-    "try again"
-}
+NAME_HELP = (
+    f"trimmed; 1 to {MAX_NAME_CHARS} characters with something visible, no control characters "
+    "(docs/protocol.md has the table); anything else is a 400"
+)
+TOKEN_HELP = "the session token: a lower-case UUID4; an unknown or expired one is a 400"  # noqa: S105 (a description)
+Name = Annotated[
+    str,
+    Query(
+        description=NAME_HELP,
+        json_schema_extra=described(pattern=NAME_PATTERN),
+    ),
+]
+Token = Annotated[
+    str, Query(description=TOKEN_HELP, json_schema_extra=described(pattern=UUID4_PATTERN))
+]
 
 
 def name_problem(name: str, max_chars: int) -> str | None:
@@ -50,12 +72,16 @@ def name_problem(name: str, max_chars: int) -> str | None:
 @router.post(
     "/token",
     response_model_exclude_none=True,
-    responses={400: {"description": "Blank, over-long or unusable name"}, 429: RATE_LIMITED},
+    responses={
+        400: answer(NameRefused, "Blank, over-long or unusable name"),
+        429: RATE_LIMITED,
+        503: UNAVAILABLE,
+    },
     dependencies=[
         Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
     ],
 )
-async def token_generator(name: str, services: ServicesDep) -> Session:
+async def token_generator(name: Name, services: ServicesDep) -> Session:
     """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL."""
     name = name.strip()
     problem = name_problem(name, services.settings.max_name_chars)
@@ -69,7 +95,7 @@ async def token_generator(name: str, services: ServicesDep) -> Session:
 @router.get(
     "/refresh_token",
     response_model_exclude_none=True,
-    responses={400: {"description": SESSION_MISSING}, 429: RATE_LIMITED},
+    responses={400: answer(Detail, SESSION_MISSING), 429: RATE_LIMITED, 503: UNAVAILABLE},
     dependencies=[
         Depends(
             http_rate_limit("http-refresh", lambda settings: settings.rate_limit_refresh_requests)
@@ -77,7 +103,7 @@ async def token_generator(name: str, services: ServicesDep) -> Session:
     ],
 )
 async def refresh_token(
-    token: str,
+    token: Token,
     services: ServicesDep,
     limit: Annotated[int | None, Query(ge=1, description=LIMIT_HELP)] = None,
 ) -> Session:

@@ -1,0 +1,175 @@
+"""What the OpenAPI schema says about inputs and answers, so a client generated from it is
+right: the patterns of names, tokens and message texts, and the bodies of the error answers.
+
+The patterns describe the rules the handlers apply (`name_problem`, server/frames.py); the
+handlers still apply them, with the status and text the contract gives (a 400 or 413, not
+FastAPI's 422), so these are published with `json_schema_extra` rather than enforced by
+FastAPI. They are Python regular expressions (what schemathesis generates from): JSON Schema's
+dialect has no `\\p{...}`, so the character classes are spelt out from `unicodedata`.
+"""
+
+from __future__ import annotations
+
+import sys
+import unicodedata
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Path
+from pydantic import BaseModel, TypeAdapter
+
+from core.config import Settings
+from server.frames import is_control
+
+UUID4_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+def _default(name: str) -> int:
+    value = Settings.model_fields[name].default
+    assert isinstance(value, int)
+    return value
+
+
+MAX_NAME_CHARS = _default("max_name_chars")
+MAX_MESSAGE_CHARS = _default("max_message_chars")
+
+
+def _class(test: Callable[[str], bool]) -> str:
+    """A character-class body holding every code point for which `test` holds (surrogates
+    left out: no UTF-8 text holds one)."""
+    spans: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF or not test(chr(cp)):
+            continue
+        if spans and spans[-1][1] == cp - 1:
+            spans[-1] = (spans[-1][0], cp)
+        else:
+            spans.append((cp, cp))
+    return "".join(_escape(a) if a == b else f"{_escape(a)}-{_escape(b)}" for a, b in spans)
+
+
+def _escape(cp: int) -> str:
+    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
+
+
+def _category(*categories: str) -> Callable[[str], bool]:
+    return lambda char: unicodedata.category(char) in categories
+
+
+def _trimmed(forbidden: str, invisible: str, max_chars: int) -> str:
+    """A text that, once trimmed of whitespace (str.strip), holds nothing `forbidden`, at
+    least one character that is neither invisible nor whitespace, and at most `max_chars`
+    characters; the whitespace around it is allowed (it is trimmed)."""
+    space = _class(str.isspace)
+    visible = f"(?=[^{forbidden}]*[^{forbidden}{invisible}{space}])" if invisible else ""
+    edge = f"[^{forbidden}{space}]"
+    core = f"{edge}(?:[^{forbidden}]{{0,{max_chars - 2}}}{edge})?"
+    return f"^[{space}]*{visible}{core}[{space}]*$"
+
+
+# A name (POST /token, name_problem): no control characters and no U+FFFD (what bytes that
+# are not UTF-8 decode to), something visible (not only spaces and format characters).
+NAME_PATTERN = _trimmed(
+    _class(_category("Cc")) + "\\ufffd", _class(_category("Zs", "Zl", "Zp", "Cf")), MAX_NAME_CHARS
+)
+# A chat message (server/frames.py): no control characters but tab and line ends, something
+# that is not whitespace.
+# (A carriage return is a line end there: stored as a newline, not refused.)
+MESSAGE_PATTERN = _trimmed(
+    _class(lambda char: is_control(char) and char != "\r"), "", MAX_MESSAGE_CHARS
+)
+# A client_id (server/frames.py): no control characters but tab and newline.
+CLIENT_ID_PATTERN = "^[^" + _class(is_control) + "]*$"
+
+
+def described(**schema: Any) -> dict[str, Any]:
+    """`json_schema_extra` for a parameter or field: published, checked by the handler."""
+    return schema
+
+
+class Detail(BaseModel):
+    """An error answer: what went wrong, in words."""
+
+    detail: str
+
+
+class NameRefusal(BaseModel):
+    loc: str
+    msg: str
+
+
+class NameRefused(BaseModel):
+    """`POST /token`'s 400: which parameter, and why (docs/protocol.md has the table)."""
+
+    detail: NameRefusal
+
+
+def answer(model: type[BaseModel], description: str, *, retry_after: bool = False) -> Any:
+    """One entry of a route's `responses`, with the Retry-After header when it is sent."""
+    entry: dict[str, Any] = {"model": model, "description": description}
+    if retry_after:
+        entry["headers"] = {
+            "Retry-After": {
+                "description": "whole seconds to wait before trying again (at least 1)",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return entry
+
+
+# A conversation id in a path (`/v1/conversations/{conversation_id}`): any other id is a 404,
+# so schemathesis must know that only UUID4s are meant.
+ConversationId = Annotated[
+    str,
+    Path(
+        description="the conversation's id (its session token): a lower-case UUID4",
+        json_schema_extra=described(pattern=UUID4_PATTERN),
+    ),
+]
+
+RATE_LIMITED = answer(
+    Detail,
+    "Too many requests from this address; Retry-After says when to try again",
+    retry_after=True,
+)
+UNAVAILABLE = answer(Detail, "Redis is unreachable: nothing was done; try again", retry_after=True)
+
+
+def inline_schema(annotation: Any) -> dict[str, Any]:
+    """The JSON Schema of `annotation` with its definitions written in place: a schema that
+    sits inside another document (an SSE event's `contentSchema`) cannot point at its own
+    `$defs`, as `#` there is the OpenAPI document."""
+    schema = TypeAdapter(annotation).json_schema(mode="serialization")
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def event_stream_schema(events: Any) -> dict[str, Any]:
+    """The schema of one Server-Sent Event whose `data` is JSON of one of `events` (OpenAPI
+    3.1 has a text/event-stream's `schema` describe each event)."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": inline_schema(events),
+            },
+        },
+        "required": ["data"],
+    }
