@@ -110,7 +110,9 @@ def parse_frame(text: str, max_chars: int, max_bytes: int) -> Frame:
     return _chat_message(text, max_chars, max_bytes)
 
 
-def _parse_command(command: dict[str, object], max_chars: int, max_bytes: int) -> Frame:
+def _parse_command(
+    command: dict[str, object], max_chars: int, max_bytes: int, *, slash_commands: bool = True
+) -> Frame:
     kind = command["type"]
     if kind == "stop":
         return StopGeneration()
@@ -125,7 +127,7 @@ def _parse_command(command: dict[str, object], max_chars: int, max_bytes: int) -
                 "without control characters or lone surrogates",
             )
         assert client_id is None or isinstance(client_id, str)
-        return _chat_message(msg, max_chars, max_bytes, client_id)
+        return _chat_message(msg, max_chars, max_bytes, client_id, slash_commands=slash_commands)
     known = ", ".join(KNOWN_COMMANDS)
     # Only a string is quoted: the repr of a huge or deeply nested value is itself a hazard.
     named = quoted(kind) if isinstance(kind, str) else f"(a JSON {_json_kind(kind)})"
@@ -150,10 +152,17 @@ def _json_kind(value: object) -> str:
     return "number"
 
 
-def _chat_message(text: str, max_chars: int, max_bytes: int, client_id: str | None = None) -> Frame:
+def _chat_message(
+    text: str,
+    max_chars: int,
+    max_bytes: int,
+    client_id: str | None = None,
+    *,
+    slash_commands: bool = True,
+) -> Frame:
     # CRLF (Windows clients) and a lone CR are line ends: stored as newlines, never refused.
     # Whether it is a slash command is decided before trimming: " /help" is text.
-    slash = text.startswith("/")
+    slash = slash_commands and text.startswith("/")
     text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text:
         return FrameError(ErrorCode.BAD_REQUEST, "Message is empty", client_id)
@@ -232,10 +241,11 @@ def parse_message(
     msg: str, client_id: str | None, max_chars: int, max_bytes: int
 ) -> ChatMessage | FrameError:
     """A chat message sent some other way than a frame (POST /v1/chat): the rules of a
-    `message` command, so both ways refuse the same texts with the same errors."""
+    `message` command, so both ways refuse the same texts with the same errors. Slash
+    commands are the socket's: over HTTP a text that starts with `/` is a chat message."""
     command: dict[str, object] = {"type": "message", "msg": msg}
     if client_id is not None:
         command["client_id"] = client_id
-    parsed = _parse_command(command, max_chars, max_bytes)
-    assert not isinstance(parsed, StopGeneration)
+    parsed = _parse_command(command, max_chars, max_bytes, slash_commands=False)
+    assert isinstance(parsed, ChatMessage | FrameError)
     return parsed

@@ -292,3 +292,14 @@ async def test_while_redis_is_down_it_is_503_with_retry_after(tmp_path: Path) ->
         assert response.status_code == 503, response.text
         assert response.json() == {"detail": REDIS_UNAVAILABLE}
         assert response.headers["retry-after"] == "1"
+
+
+async def test_a_slash_over_http_is_a_chat_message_not_a_command(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """Slash commands are the socket's; over HTTP the text is sent to the model as is."""
+    response = await http.post("/v1/chat", json={"message": "/reset"})
+    assert response.status_code == 201, response.text
+    assert response.json()["response"] == "echo: /reset"
+    history = await stack.history(response.json()["conversation_id"])
+    assert [m["msg"] for m in humans(history)] == ["/reset"]
