@@ -18,6 +18,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from core.keys import Keys
+from core.models import is_uuid4
+
+BAD_CURSOR = "Invalid cursor: pass the next_cursor of an earlier page"
 
 
 class BadCursor(ValueError):
@@ -45,9 +48,14 @@ def decode_cursor(cursor: str) -> IndexEntry:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         score, token = raw.split(":", 1)
-        return IndexEntry(token, int(score))
+        entry = IndexEntry(token, int(score))
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise BadCursor("Invalid cursor: pass the next_cursor of an earlier page") from exc
+        raise BadCursor(BAD_CURSOR) from exc
+    # Only what encode_cursor writes: a session token, a score that is a time, the same text
+    # (b64decode skips stray characters, and int() takes " 12" and "1_2").
+    if not is_uuid4(entry.token) or entry.updated_ms < 0 or encode_cursor(entry) != cursor:
+        raise BadCursor(BAD_CURSOR)
+    return entry
 
 
 class ConversationIndex:
