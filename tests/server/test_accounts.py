@@ -150,3 +150,23 @@ async def test_the_schemas_name_pattern_says_what_the_server_accepts(
     for name in TRICKY_NAMES:
         accepted = (await http.post("/v1/users", json={"name": name})).status_code == 201
         assert accepted == bool(re.fullmatch(pattern, name)), repr(name)
+
+
+async def test_the_schema_says_how_each_credential_is_sent(http: httpx.AsyncClient) -> None:
+    schema = (await http.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert (schemes["accessToken"]["in"], schemes["accessToken"]["name"]) == (
+        "header",
+        "ACCESS-TOKEN",
+    )
+    assert schemes["masterToken"]["name"] == "MASTER-TOKEN"
+    paths = schema["paths"]
+    user = [{"bearer": []}, {"accessToken": []}]
+    assert paths["/v1/conversations"]["get"]["security"] == user
+    assert paths["/v1/conversations"]["post"]["security"] == [*user, {}]  # optional
+    assert paths["/token"]["post"]["security"] == [*user, {}]
+    assert paths["/v1/admin/stats"]["get"]["security"] == [
+        {"masterBearer": []},
+        {"masterToken": []},
+    ]

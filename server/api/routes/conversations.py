@@ -32,7 +32,13 @@ from server.api.answers import (
     RATE_LIMITED,
     UNAUTHORIZED,
 )
-from server.api.auth import CONVERSATION_MISSING, CallerDep, UserDep, conversation_for
+from server.api.auth import (
+    CONVERSATION_MISSING,
+    OPTIONAL_CREDENTIAL,
+    CallerDep,
+    UserDep,
+    conversation_for,
+)
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
 from server.api.routes.sessions import name_problem
@@ -66,6 +72,7 @@ def checked_title(title: str) -> str:
     dependencies=[
         Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
     ],
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def create_conversation(
     body: ConversationCreate, caller: CallerDep, services: ServicesDep
@@ -157,6 +164,7 @@ async def _summaries(
     "/{conversation_id}",
     response_model_exclude_none=True,
     responses={401: UNAUTHORIZED, 404: MISSING},
+    openapi_extra=OPTIONAL_CREDENTIAL,  # without one: 404, as for any id not yours
 )
 async def get_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep
@@ -169,6 +177,7 @@ async def get_conversation(
     "/{conversation_id}",
     response_model_exclude_none=True,
     responses={400: BAD_TITLE, 401: UNAUTHORIZED, 404: MISSING},
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def rename_conversation(
     conversation_id: ConversationId, body: TitleChange, caller: CallerDep, services: ServicesDep
@@ -187,6 +196,7 @@ async def rename_conversation(
     status_code=204,
     response_class=Response,
     responses={204: NO_CONTENT, 401: UNAUTHORIZED, 404: MISSING},
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def delete_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep
@@ -204,6 +214,7 @@ async def delete_conversation(
     "/{conversation_id}/reset",
     response_model_exclude_none=True,
     responses={401: UNAUTHORIZED, 404: MISSING},
+    openapi_extra=OPTIONAL_CREDENTIAL,  # without one: 404, as for any id not yours
 )
 async def reset_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep

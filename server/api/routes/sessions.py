@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from core.models import Session, short
-from server.api.auth import INVALID_CREDENTIALS, CallerDep
+from server.api.auth import INVALID_CREDENTIALS, OPTIONAL_CREDENTIAL, CallerDep
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
 
@@ -59,6 +59,7 @@ def name_problem(name: str, max_chars: int) -> str | None:
     dependencies=[
         Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
     ],
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def token_generator(name: str, services: ServicesDep, caller: CallerDep) -> Session:
     """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL.
