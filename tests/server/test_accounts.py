@@ -162,7 +162,7 @@ async def test_the_schema_says_how_each_credential_is_sent(http: httpx.AsyncClie
     )
     assert schemes["masterToken"]["name"] == "MASTER-TOKEN"
     paths = schema["paths"]
-    user = [{"bearer": []}, {"accessToken": []}]
+    user: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
     assert paths["/v1/conversations"]["get"]["security"] == user
     assert paths["/v1/conversations"]["post"]["security"] == [*user, {}]  # optional
     assert paths["/token"]["post"]["security"] == [*user, {}]
