@@ -7,6 +7,7 @@ from typing import Any
 
 from core.models import MAX_TITLE_CHARS, ErrorBody, FieldErrorBody
 from server.api.auth import CONVERSATION_MISSING, INVALID_CREDENTIALS
+from server.api.errors import REDIS_UNAVAILABLE
 
 Answer = dict[str, Any]
 
@@ -37,3 +38,8 @@ RATE_LIMITED: Answer = {
     "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
 }
 NO_CONTENT: Answer = {"description": "Done; no body"}
+UNAVAILABLE: Answer = {
+    "model": ErrorBody,
+    "description": REDIS_UNAVAILABLE + " (Redis is unreachable; nothing was changed)",
+    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+}

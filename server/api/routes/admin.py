@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
 from core.conversations import CURSOR_PATTERN, BadCursor
 from core.models import ErrorBody, ServiceStats, UserPage, is_uuid4
-from server.api.answers import BAD_CURSOR, NO_CONTENT, UNAUTHORIZED
+from server.api.answers import BAD_CURSOR, NO_CONTENT, UNAUTHORIZED, UNAVAILABLE
 from server.api.auth import INVALID_CREDENTIALS, require_master
 from server.api.deps import ServicesDep
 
@@ -21,6 +21,7 @@ ADMIN_ANSWERS: dict[int | str, dict[str, Any]] = {
         "description": f"No master token, or a wrong one: {INVALID_CREDENTIALS}",
     },
     404: {"model": ErrorBody, "description": "MASTER_TOKEN is unset: there are no admin routes"},
+    503: UNAVAILABLE,
 }
 router = APIRouter(
     prefix="/v1/admin",

@@ -31,6 +31,7 @@ from server.api.answers import (
     NO_CONTENT,
     RATE_LIMITED,
     UNAUTHORIZED,
+    UNAVAILABLE,
 )
 from server.api.auth import (
     CONVERSATION_MISSING,
@@ -44,7 +45,7 @@ from server.api.guards import http_rate_limit
 from server.api.routes.sessions import name_problem
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"], responses={503: UNAVAILABLE})
 
 ANONYMOUS_NAME = "Anonymous"
 ConversationId = Annotated[str, Path(description="the session token (a UUID4)")]

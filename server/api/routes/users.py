@@ -8,14 +8,14 @@ import logging
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from core.models import ErrorBody, NewUser, User, UserCreate
-from server.api.answers import BAD_NAME, RATE_LIMITED, UNAUTHORIZED
+from server.api.answers import BAD_NAME, RATE_LIMITED, UNAUTHORIZED, UNAVAILABLE
 from server.api.auth import UserDep, bearer
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
 from server.api.routes.sessions import name_problem
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/users", tags=["accounts"])
+router = APIRouter(prefix="/v1/users", tags=["accounts"], responses={503: UNAVAILABLE})
 
 REGISTRATION_CLOSED = "Registration needs the master token (REGISTRATION=admin)"
 
