@@ -4,6 +4,7 @@ listing with its cursor and repair, reset, and delete while a reply streams."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 
 from core.config import Settings
 from core.models import MAX_TITLE_CHARS, new_id
+from server.api.routes.conversations import REPAIR_GRACE_MS
 from tests.support.accounts import auth, register
 from tests.support.model_servers import ModelServer
 from tests.support.stack import Stack
@@ -213,10 +215,13 @@ async def test_the_list_drops_and_repairs_entries_whose_conversation_is_gone(
     kept = (await _create(http, key))["token"]
     expired = (await _create(http, key))["token"]
     await redis.delete(f"{stack_settings.key_prefix}:session:{expired}")  # as a TTL would
+    index = stack.server.app.state.services.store.index
+    await index.add(user_id, expired, int(time.time() * 1000) - REPAIR_GRACE_MS - 1000)
+    being_made = new_id()  # its entry is written, its document not yet
+    await index.add(user_id, being_made, int(time.time() * 1000))
     listed = (await http.get("/v1/conversations", headers=auth(key))).json()
     assert [row["conversation_id"] for row in listed["conversations"]] == [kept]
-    index = stack.server.app.state.services.store.index
-    assert await index.tokens(user_id) == [kept]
+    assert sorted(await index.tokens(user_id)) == sorted([kept, being_made])
 
 
 async def test_reset_empties_the_history_and_keeps_the_title(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
-from core.conversations import CURSOR_PATTERN, BadCursor
+from core.conversations import CURSOR_PATTERN, BadCursor, IndexEntry
 from core.models import (
     MAX_TITLE_CHARS,
     ConversationCreate,
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"], responses={503: UNAVAILABLE})
 
 ANONYMOUS_NAME = "Anonymous"
+# An index entry whose document is missing is removed by a listing only once it is older than
+# this (see list_conversations); the server clocks may differ from each other by less.
+REPAIR_GRACE_MS = 60_000
 ConversationId = Annotated[str, Path(description="the session token (a UUID4)")]
 
 
@@ -116,10 +119,10 @@ async def list_conversations(
     tokens = [entry.token for entry in page.entries]
     documents = await _summaries(services, tokens)
     rows: list[ConversationSummary] = []
-    gone: list[str] = []
+    gone: list[IndexEntry] = []
     for entry, found in zip(page.entries, documents, strict=True):
         if found is None:
-            gone.append(entry.token)
+            gone.append(entry)
             continue
         title, start, count = found
         updated = datetime.fromtimestamp(entry.updated_ms / 1000, UTC)
@@ -132,8 +135,12 @@ async def list_conversations(
                 message_count=count,
             )
         )
-    if gone:
-        await services.store.index.remove(user.user_id, *gone)
+    # Left out either way; removed only when older than the grace: an entry is added before
+    # its document is written, and a listing in that instant must not drop a new one.
+    horizon = int(datetime.now(UTC).timestamp() * 1000) - REPAIR_GRACE_MS
+    stale = [entry.token for entry in gone if entry.updated_ms < horizon]
+    if stale:
+        await services.store.index.remove(user.user_id, *stale)
     return ConversationPage(conversations=rows, next_cursor=page.next_cursor)
 
 
