@@ -175,6 +175,42 @@ class ChatDone(BaseModel):
     error: ReplyError | None = None
 
 
+# --- API v1 answers (docs/protocol.md "API v1"; request bodies: server/api/schema.py) ----
+
+
+class NewUser(User):
+    """An account just made: the only answer that ever holds its API key."""
+
+    api_key: str
+
+
+class ConversationPage(BaseModel):
+    conversations: list[ConversationSummary]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: last")
+
+
+class UserPage(BaseModel):
+    users: list[User]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: last")
+
+
+class ServiceStats(BaseModel):
+    """`GET /v1/admin/stats` (how each number is read: server/api/routes/admin.py)."""
+
+    sessions: int = Field(description="session documents, as of the last complete count")
+    sessions_exact: bool = Field(
+        description="false while the first count of a large keyspace is under way: then "
+        "`sessions` is a lower bound"
+    )
+    sockets_open: int = Field(description="open sockets over every server (live leases)")
+    workers_alive: int = Field(description="workers with a heartbeat within the lease")
+    messages_waiting: int = Field(description="queued and not yet taken by a worker")
+    messages_pending: int = Field(description="taken by a worker and not yet answered")
+    oldest_waiting_seconds: float | None = Field(
+        description="age of the oldest message not yet taken by a worker; null: none waits"
+    )
+
+
 # --- Server -> client events -----------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from core.keys import Keys
 from core.logs import configure_logging
 from core.metrics import QueueCollector, serving_registry
 from core.redis import create_redis, ensure_group, eviction_warning
+from core.stats import StatsReader
 from core.store import SessionStore
 from server.api.deps import Services
 from server.api.errors import unavailable_response
@@ -61,6 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             accounts=AccountStore(redis, keys),
             hub=hub,
             sockets=sockets,
+            stats=StatsReader(redis, keys, settings.worker_lease_seconds),
         )
         if (warning := await eviction_warning(redis)) is not None:
             logger.warning("%s", warning)
@@ -107,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["*"],
         )
     if settings.forwarded_allow_ips:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 
 from core.accounts import API_KEY_PREFIX
 from core.models import Session, User, is_uuid4
@@ -20,6 +21,27 @@ CONVERSATION_MISSING = "Conversation not found"
 INVALID_CREDENTIALS = "Invalid credentials"
 KEY_REQUIRED = "An API key is required (Authorization: Bearer <api_key>)"
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+# The credentials as OpenAPI security schemes, so a generated client knows how to send them.
+# They only describe: `bearer()` reads the headers (auto_error=False: they never refuse).
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An API key (`chat_...`), or an anonymous conversation's own token",
+)
+ACCESS_TOKEN = APIKeyHeader(
+    name="ACCESS-TOKEN",
+    auto_error=False,
+    scheme_name="accessToken",
+    description="An API key (seed-style clients)",
+)
+MASTER_BEARER = HTTPBearer(auto_error=False, scheme_name="masterBearer", description="MASTER_TOKEN")
+MASTER_HEADER = APIKeyHeader(
+    name="MASTER-TOKEN", auto_error=False, scheme_name="masterToken", description="MASTER_TOKEN"
+)
+# `openapi_extra` of a route where a credential is optional: FastAPI appends this `{}` (no
+# credential at all) to the route's security alternatives.
+OPTIONAL_CREDENTIAL: dict[str, Any] = {"security": [{}]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +64,12 @@ def bearer(request: Request, *headers: str) -> str | None:
     return None
 
 
-async def get_caller(request: Request, services: ServicesDep) -> Caller:
+async def get_caller(
+    request: Request,
+    services: ServicesDep,
+    _bearer: Annotated[object, Security(BEARER)] = None,
+    _access: Annotated[object, Security(ACCESS_TOKEN)] = None,
+) -> Caller:
     """401 for a credential that opens nothing (an unknown or revoked key, a malformed one)."""
     credential = bearer(request, "access-token")
     if credential is None:
@@ -83,7 +110,12 @@ async def conversation_for(caller: Caller, services: Services, conversation_id: 
     return session
 
 
-async def require_master(request: Request, services: ServicesDep) -> None:
+async def require_master(
+    request: Request,
+    services: ServicesDep,
+    _bearer: Annotated[object, Security(MASTER_BEARER)] = None,
+    _header: Annotated[object, Security(MASTER_HEADER)] = None,
+) -> None:
     """The admin routes: 404 when MASTER_TOKEN is unset (there are none), 401 without it."""
     master = services.settings.master_token
     if master is None:

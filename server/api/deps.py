@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from core.accounts import AccountStore
 from core.config import Settings
 from core.keys import Keys
+from core.stats import StatsReader
 from core.store import SessionStore
 from server.hub import EventHub
 from server.sockets import SocketRegistry
@@ -28,6 +29,7 @@ class Services:
     accounts: AccountStore
     hub: EventHub
     sockets: SocketRegistry
+    stats: StatsReader
 
 
 def get_services(conn: HTTPConnection) -> Services:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from core.config import Settings
+from core.models import MAX_TITLE_CHARS
 from server.frames import is_control
 
 UUID4_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
@@ -67,11 +68,16 @@ def _trimmed(forbidden: str, invisible: str, max_chars: int) -> str:
     return f"^[{space}]*{visible}{core}[{space}]*$"
 
 
-# A name (POST /token, name_problem): no control characters and no U+FFFD (what bytes that
-# are not UTF-8 decode to), something visible (not only spaces and format characters).
-NAME_PATTERN = _trimmed(
-    _class(_category("Cc")) + "\\ufffd", _class(_category("Zs", "Zl", "Zp", "Cf")), MAX_NAME_CHARS
-)
+def line_pattern(max_chars: int) -> str:
+    """A name or a title (name_problem): no control characters and no U+FFFD (what bytes that
+    are not UTF-8 decode to), something visible (not only spaces and format characters)."""
+    return _trimmed(
+        _class(_category("Cc")) + "\\ufffd", _class(_category("Zs", "Zl", "Zp", "Cf")), max_chars
+    )
+
+
+NAME_PATTERN = line_pattern(MAX_NAME_CHARS)
+TITLE_PATTERN = line_pattern(MAX_TITLE_CHARS)
 # A chat message (server/frames.py): no control characters but tab and line ends, something
 # that is not whitespace.
 # (A carriage return is a line end there: stored as a newline, not refused.)
@@ -173,3 +179,31 @@ def event_stream_schema(events: Any) -> dict[str, Any]:
         },
         "required": ["data"],
     }
+
+
+# --- API v1 request bodies ---------------------------------------------------------------------
+
+
+class UserCreate(BaseModel):
+    """`POST /v1/users`."""
+
+    name: str = Field(
+        description="trimmed; the rules of `POST /token`'s name",
+        json_schema_extra=described(pattern=NAME_PATTERN),
+    )
+
+
+class ConversationCreate(BaseModel):
+    """`POST /v1/conversations`: both optional (the name defaults to the account's)."""
+
+    name: str | None = Field(default=None, json_schema_extra=described(pattern=NAME_PATTERN))
+    title: str | None = Field(default=None, json_schema_extra=described(pattern=TITLE_PATTERN))
+
+
+class TitleChange(BaseModel):
+    """`PATCH /v1/conversations/{id}`."""
+
+    title: str = Field(
+        description=f"trimmed, 1 to {MAX_TITLE_CHARS} characters, no control characters",
+        json_schema_extra=described(pattern=TITLE_PATTERN),
+    )

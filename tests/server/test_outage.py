@@ -45,6 +45,34 @@ async def test_session_routes_answer_503_while_redis_is_down(tmp_path: Path) -> 
     assert after.json()["token"] == token
 
 
+async def test_api_v1_routes_answer_503_while_redis_is_down(tmp_path: Path) -> None:
+    with EmbeddedRedis(free_port(), tmp_path) as restarted:
+        settings = make_settings(restarted.url, master_token="m" * 32)
+        async with (
+            InProcessServer(create_app(settings)) as served,
+            httpx.AsyncClient(base_url=served.url) as http,
+        ):
+            key = (await http.post("/v1/users", json={"name": "Ann"})).json()["api_key"]
+            user = {"Authorization": f"Bearer {key}"}
+            token = (await http.post("/v1/conversations", json={}, headers=user)).json()["token"]
+            await asyncio.to_thread(restarted.stop)
+            refused = [
+                await http.post("/v1/users", json={"name": "Bob"}),
+                await http.get("/v1/conversations", headers=user),
+                await http.delete(f"/v1/conversations/{token}", headers=user),
+                await http.get("/v1/admin/stats", headers={"MASTER-TOKEN": "m" * 32}),
+            ]
+            schema = (await http.get("/openapi.json")).json()
+    for response in refused:
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": REDIS_UNAVAILABLE}
+        assert response.headers["retry-after"] == "1"
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/"):
+                assert "503" in operation["responses"], (method, path)
+
+
 async def test_socket_handshake_answers_503_while_redis_is_down(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -24,7 +24,7 @@ from core.models import (
     MessageEvent,
     NoticeEvent,
 )
-from server.api.auth import CallerDep
+from server.api.auth import OPTIONAL_CREDENTIAL, CallerDep
 from server.api.deps import ServicesDep
 from server.api.guards import client_address
 from server.api.schema import (
@@ -126,6 +126,8 @@ REFUSALS: dict[int | str, Any] = {
         201: answer(ChatReply, "The reply, in a conversation this call created"),
         **REFUSALS,
     },
+    # No credential: a new anonymous conversation (an existing one needs its key or token).
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def chat(
     body: ChatRequest, request: Request, caller: CallerDep, services: ServicesDep
@@ -186,6 +188,7 @@ async def chat(
         },
         **{status: _json_only(entry) for status, entry in REFUSALS.items() if status != 504},
     },
+    openapi_extra=OPTIONAL_CREDENTIAL,
 )
 async def chat_stream(
     body: ChatRequest, request: Request, caller: CallerDep, services: ServicesDep
