@@ -11,11 +11,18 @@ beforeEach(() => {
   server = new FakeServer();
 });
 
+function renderApp() {
+  const app = server.makeApp();
+  render(<App client={app.client} sidebar={app.sidebar} />);
+  return app;
+}
+
 async function openChat(messages = [human('h0', 'earlier'), bot('b0', 'h0', 'an **old** reply')]) {
   localStorage.setItem(TOKEN_KEY, TOKEN);
   server.always('/refresh_token', { status: 200, body: session(messages) });
+  server.always(`/v1/conversations/${TOKEN}`, { status: 200, body: session(messages) });
   const user = userEvent.setup();
-  render(<App client={server.makeClient()} />);
+  renderApp();
   await act(async () => {
     server.socket.open();
     await flush();
@@ -30,12 +37,12 @@ describe('start screen', () => {
   it("shows the server's error for an empty name, then starts the chat", async () => {
     const user = userEvent.setup();
     server.answer(
-      '/token',
+      'POST /v1/conversations',
       { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } },
-      { status: 200, body: session([], 'Ann') },
+      { status: 201, body: session([], 'Ann') },
     );
     server.always('/refresh_token', { status: 200, body: session([], 'Ann') });
-    render(<App client={server.makeClient()} />);
+    renderApp();
     await user.click(screen.getByRole('button', { name: 'Start chatting' }));
     expect(await screen.findByRole('alert')).toHaveTextContent('Enter a valid name');
 
@@ -106,7 +113,8 @@ describe('chat screen', () => {
     const rtl = 'שרה 42';
     localStorage.setItem(TOKEN_KEY, TOKEN);
     server.always('/refresh_token', { status: 200, body: session([], rtl) });
-    render(<App client={server.makeClient()} />);
+    server.always(`/v1/conversations/${TOKEN}`, { status: 200, body: session([], rtl) });
+    renderApp();
     await act(async () => {
       server.socket.open();
       await flush();
@@ -161,10 +169,17 @@ describe('chat screen', () => {
     expect(screen.getByText(/your message is queued/)).toBeInTheDocument();
   });
 
-  it('"New chat" returns to the start screen', async () => {
+  it('"New chat" creates a conversation with the same name and shows it', async () => {
     const user = await openChat();
+    const other = '0b5bd3fa-7e0b-4a5e-9d3c-2f1e0c9a8b7d';
+    server.answer('POST /v1/conversations', { status: 201, body: session([], 'Ann', { token: other }) });
     await user.click(screen.getByRole('button', { name: 'New chat' }));
-    expect(screen.getByLabelText('Your name')).toBeInTheDocument();
-    expect(localStorage.getItem(TOKEN_KEY)).toBeNull();
+    await act(flush);
+    expect(server.made('POST', '/v1/conversations')[0].body).toEqual({ name: 'Ann' });
+    expect(localStorage.getItem(TOKEN_KEY)).toBe(other);
+    expect(server.socket.url).toBe(`ws://page.test/chat?token=${other}`);
+    expect(within(log()).queryAllByRole('listitem').map((li) => li.textContent)).toEqual([
+      'Say hello to start the conversation.',
+    ]);
   });
 });

@@ -33,6 +33,8 @@ export interface Entry {
   error?: { code: string; detail: string };
   /** Why our message was not stored. */
   failReason?: string;
+  /** A final reply: prompt plus completion tokens, when the server counted them. */
+  tokensUsed?: number;
 }
 
 export interface ChatState {
@@ -143,6 +145,7 @@ export function applyFinal(state: ChatState, ev: MessageEvent): ChatState {
     timestamp: ev.timestamp,
     replyTo: ev.reply_to,
     status: ev.stopped === true ? 'stopped' : 'done',
+    tokensUsed: ev.tokens_used,
   };
   const next = index >= 0 ? replace(state, index, entry) : append(state, entry);
   return withoutNotice(next, ev.reply_to);
@@ -232,6 +235,7 @@ function fromStored(m: StoredMessage, key: string): Entry {
     replyTo: m.reply_to,
     status: m.error ? 'error' : m.stopped === true ? 'stopped' : 'done',
     error: m.error,
+    tokensUsed: m.tokens_used,
   };
 }
 

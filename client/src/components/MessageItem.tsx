@@ -69,6 +69,11 @@ export function MessageItem({ entry, notice, onResend }: Props) {
           </time>
         )}
         {note && <span className="note">{note}</span>}
+        {entry.tokensUsed !== undefined && (
+          <span className="tokens" title="Prompt plus reply, in model tokens">
+            {entry.tokensUsed} tokens
+          </span>
+        )}
       </div>
     </li>
   );
