@@ -109,15 +109,18 @@ export class Sidebar {
     });
     const key = this.read(API_KEY);
     if (key) await this.signIn(key, false);
-    else await this.loadAnonymous();
+    else await this.loadAnonymous(true);
   }
 
-  /** This browser's tokens, shown at once, then each checked: a 404 drops it. */
-  private async loadAnonymous(): Promise<void> {
+  /**
+   * This browser's tokens, shown at once, then each checked: a 404 drops it. `adopt`: the
+   * conversation shown joins the list (at the page's start: the page before the sidebar kept
+   * one token only).
+   */
+  private async loadAnonymous(adopt = false): Promise<void> {
     let items = parseStored(this.read(CONVERSATIONS_KEY));
     const current = this.chat.getSnapshot().token;
-    // The page before the sidebar kept one token only: it joins the list.
-    if (current && !items.some((i) => i.id === current)) {
+    if (adopt && current && !items.some((i) => i.id === current)) {
       items = [...items, { id: current, title: null, updated: new Date(0).toISOString() }];
     }
     this.set({ mode: 'anonymous', user: null, nextCursor: null, loading: true });
@@ -173,7 +176,7 @@ export class Sidebar {
       if (me.failure.kind === 'unauthorized') this.remove(API_KEY);
       const message = byUser ? me.failure.message : `Signed out: ${me.failure.message}`;
       this.set({ loading: false, error: message });
-      if (!byUser && me.failure.kind === 'unauthorized') await this.loadAnonymous();
+      if (!byUser && me.failure.kind === 'unauthorized') await this.loadAnonymous(true);
       return false;
     }
     this.key = key;
@@ -307,6 +310,7 @@ export class Sidebar {
   // --- From the chat ----------------------------------------------------------------------
 
   private onLoaded(doc: SessionDocument): void {
+    if (this.view.mode === 'anonymous' && doc.name) this.write(NAME_KEY, doc.name);
     const item = fromDocument(doc);
     this.setItems((items) => {
       const old = items.find((i) => i.id === item.id);

@@ -18,11 +18,19 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
   const [busy, setBusy] = useState(false);
   const inputRef = useRef<HTMLInputElement>(null);
   const cancelRef = useRef<HTMLButtonElement>(null);
+  const pickRef = useRef<HTMLButtonElement>(null);
+  // After renaming or a kept conversation, the focus goes back to the conversation.
+  const edited = useRef(false);
   const name = displayTitle(item);
 
   useEffect(() => {
-    if (mode === 'rename') inputRef.current?.select();
+    if (mode === 'rename') {
+      inputRef.current?.focus();
+      inputRef.current?.select();
+    }
     if (mode === 'confirm') cancelRef.current?.focus();
+    if (mode === 'show' && edited.current) pickRef.current?.focus();
+    edited.current = mode !== 'show';
   }, [mode]);
 
   const save = async (e: FormEvent) => {
@@ -70,6 +78,7 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
       <button
         type="button"
         className="pick"
+        ref={pickRef}
         aria-current={current ? 'page' : undefined}
         onClick={() => onSelect(item.id)}
       >
