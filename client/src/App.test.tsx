@@ -278,6 +278,17 @@ describe('conversation sidebar', () => {
     await user.keyboard('{Escape}');
     expect(nav()).not.toHaveClass('open');
     expect(toggle).toHaveFocus();
+
+    // Escape in a rename inside the drawer cancels the rename only.
+    await user.click(toggle);
+    await user.click(within(nav()).getByRole('button', { name: 'Rename Dogs' }));
+    await user.keyboard('{Escape}');
+    expect(within(nav()).queryByLabelText('New title for Dogs')).toBeNull();
+    expect(nav()).toHaveClass('open');
+    // Choosing a conversation closes it.
+    server.answer('/refresh_token', { status: 200, body: session([], 'Ann', { token: OTHER, title: 'Dogs' }) });
+    await user.click(within(nav()).getByRole('button', { name: 'Dogs' }));
+    expect(nav()).not.toHaveClass('open');
   });
 
   it('shows a registered key once, with a copy button', async () => {

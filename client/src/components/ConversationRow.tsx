@@ -1,4 +1,4 @@
-import { type FormEvent, useEffect, useRef, useState } from 'react';
+import { type FormEvent, type KeyboardEvent, useEffect, useRef, useState } from 'react';
 import { type ConversationItem, displayTitle } from '../conversationList';
 
 interface Props {
@@ -33,6 +33,13 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
     edited.current = mode !== 'show';
   }, [mode]);
 
+  // Escape leaves the rename or the confirmation (and only that: not the drawer around it).
+  const cancelOnEscape = (e: KeyboardEvent) => {
+    if (e.key !== 'Escape') return;
+    e.stopPropagation();
+    setMode('show');
+  };
+
   const save = async (e: FormEvent) => {
     e.preventDefault();
     setBusy(true);
@@ -51,7 +58,7 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
   if (mode === 'rename') {
     return (
       <li className="conv renaming">
-        <form onSubmit={save} onKeyDown={(e) => e.key === 'Escape' && setMode('show')}>
+        <form onSubmit={save} onKeyDown={cancelOnEscape}>
           <label className="sr-only" htmlFor={`title-${item.id}`}>
             New title for {name}
           </label>
@@ -85,7 +92,7 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
         <span className="conv-title">{name}</span>
       </button>
       {mode === 'confirm' ? (
-        <div className="confirm" role="group" aria-label={`Delete ${name}?`}>
+        <div className="confirm" role="group" aria-label={`Delete ${name}?`} onKeyDown={cancelOnEscape}>
           <span>Delete this conversation?</span>
           <button type="button" className="danger" disabled={busy} onClick={() => void confirmDelete()}>
             Delete

@@ -25,12 +25,17 @@ export function SidebarPanel({ view, sidebar, currentId }: Props) {
     if (view.drawerOpen) {
       opener.current = document.activeElement;
       closeRef.current?.focus();
-      return;
+      // Escape closes the drawer wherever the focus is (it may have left with a deleted row).
+      const onKey = (e: KeyboardEvent) => {
+        if (e.key === 'Escape') sidebar.closeDrawer();
+      };
+      document.addEventListener('keydown', onKey);
+      return () => document.removeEventListener('keydown', onKey);
     }
     const back = opener.current;
     opener.current = null;
     if (back instanceof HTMLElement && back.isConnected) back.focus();
-  }, [view.drawerOpen]);
+  }, [view.drawerOpen, sidebar]);
 
   return (
     <>
@@ -39,9 +44,6 @@ export function SidebarPanel({ view, sidebar, currentId }: Props) {
         id={SIDEBAR_ID}
         className={`sidebar${view.drawerOpen ? ' open' : ''}`}
         aria-label="Conversations"
-        onKeyDown={(e) => {
-          if (e.key === 'Escape' && view.drawerOpen) sidebar.closeDrawer();
-        }}
       >
         <div className="sidebar-head">
           <button type="button" className="primary" onClick={() => void sidebar.newChat()}>
