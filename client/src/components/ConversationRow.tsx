@@ -120,7 +120,7 @@ export function ConversationRow({ item, current, onSelect, onRename, onDelete }:
             title="Delete"
             onClick={() => setMode('confirm')}
           >
-            🗑
+            ✕
           </button>
         </span>
       )}
