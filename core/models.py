@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 
 def utcnow() -> datetime:
@@ -28,6 +28,17 @@ def is_uuid4(value: str) -> bool:
     except (ValueError, AttributeError, TypeError):
         return False
     return parsed.version == 4 and str(parsed) == value
+
+
+MAX_TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 80
+
+
+def title_from_message(text: str) -> str:
+    """The title a conversation takes from its first message: the first non-blank line, cut
+    to AUTO_TITLE_CHARS characters (with an ellipsis when cut)."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), text.strip())
+    return line if len(line) <= AUTO_TITLE_CHARS else line[: AUTO_TITLE_CHARS - 1] + "…"
 
 
 def short(token: str) -> str:
@@ -124,6 +135,79 @@ class ConversationSummary(BaseModel):
     created: datetime
     updated: datetime
     message_count: int
+
+
+# --- API v1 bodies and answers (docs/protocol.md "API v1") -----------------------------------
+
+# What the OpenAPI schema says of a name or title, so that a client generated from it sends
+# what the server accepts: blanks around it are trimmed; inside, no control characters (C0, DEL,
+# C1) and no U+FFFD; at least one visible character (JSON Schema `pattern`, ECMA-262). Only the
+# schema holds it: the server checks the same rules itself (`name_problem`) and answers 400 with
+# the reason, where a pydantic constraint would answer 422.
+_CONTROLS = r"\x00-\x1f\x7f-\x9f\ufffd"
+_INVISIBLE = r"\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+LINE_PATTERN = rf"^\s*[^{_CONTROLS}]*[^{_CONTROLS}{_INVISIBLE}][^{_CONTROLS}]*\s*$"
+
+
+def line_schema(max_chars: int) -> dict[str, JsonValue]:
+    return {"maxLength": max_chars, "pattern": LINE_PATTERN}
+
+
+class UserCreate(BaseModel):
+    """`POST /v1/users`."""
+
+    name: str = Field(
+        description="trimmed; the rules of `POST /token`'s name", json_schema_extra=line_schema(100)
+    )
+
+
+class NewUser(User):
+    """An account just made: the only answer that ever holds its API key."""
+
+    api_key: str
+
+
+class ConversationCreate(BaseModel):
+    """`POST /v1/conversations`: both optional (the name defaults to the account's)."""
+
+    name: str | None = Field(default=None, json_schema_extra=line_schema(100))
+    title: str | None = Field(default=None, json_schema_extra=line_schema(MAX_TITLE_CHARS))
+
+
+class TitleChange(BaseModel):
+    """`PATCH /v1/conversations/{id}`."""
+
+    title: str = Field(
+        description="trimmed, 1 to 200 characters, no control characters",
+        json_schema_extra=line_schema(MAX_TITLE_CHARS),
+    )
+
+
+class ConversationPage(BaseModel):
+    conversations: list[ConversationSummary]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: last")
+
+
+class UserPage(BaseModel):
+    users: list[User]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: last")
+
+
+class ServiceStats(BaseModel):
+    """`GET /v1/admin/stats` (how each number is read: server/api/routes/admin.py)."""
+
+    sessions: int = Field(description="session documents, as of the last complete count")
+    sessions_exact: bool = Field(
+        description="false while the first count of a large keyspace is under way: then "
+        "`sessions` is a lower bound"
+    )
+    sockets_open: int = Field(description="open sockets over every server (live leases)")
+    workers_alive: int = Field(description="workers with a heartbeat within the lease")
+    messages_waiting: int = Field(description="queued and not yet taken by a worker")
+    messages_pending: int = Field(description="taken by a worker and not yet answered")
+    oldest_waiting_seconds: float | None = Field(
+        description="age of the oldest message not yet taken by a worker; null: none waits"
+    )
 
 
 # --- Server -> client events -----------------------------------------------------------------

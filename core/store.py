@@ -19,9 +19,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.config import Settings
+from core.conversations import ConversationIndex
 from core.keys import Keys
 from core.models import (
     AckEvent,
+    ConversationChange,
+    ConversationEvent,
     DeltaEvent,
     ErrorEvent,
     Message,
@@ -31,6 +34,7 @@ from core.models import (
     dump_event,
     is_uuid4,
     new_id,
+    title_from_message,
     utcnow,
 )
 from core.redis import load_script
@@ -50,6 +54,8 @@ class ReplyOutcome(Enum):
     ALREADY_ANSWERED = 0
     LEASE_LOST = -1
     SESSION_GONE = -2
+    # The message was reset away or dropped by the history cap: its reply is not stored.
+    QUESTION_GONE = -3
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +97,8 @@ def retry_after_seconds(wait_ms: int) -> int:
 
 class SessionStore:
     """Owns every key it writes: session documents, the request stream's entries, rate-limit
-    state, stop times and generation-attempt counters (the leases are worker/leases.py's)."""
+    state, stop times and generation-attempt counters (the leases are worker/leases.py's).
+    `index` (core/conversations.py) is the per-user index of the sessions an account owns."""
 
     def __init__(self, redis: Redis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = redis
@@ -115,17 +122,29 @@ class SessionStore:
             load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
         )
         self._request_stop = redis.register_script(load_script("lib_clock.lua", "request_stop.lua"))
+        self._change = redis.register_script(
+            load_script("lib_clock.lua", "change_conversation.lua")
+        )
+        self.index = ConversationIndex(redis, self.keys)
         # Attempt counts this process could not take back while Redis refused writes: taken
         # back with the next attempt it counts for the same message.
         self._owed_attempts: dict[str, int] = {}
 
     # --- Sessions ----------------------------------------------------------------------------
 
-    async def create(self, name: str) -> Session:
-        session = Session(token=new_id(), name=name, session_start=utcnow())
+    async def create(
+        self, name: str, *, user_id: str | None = None, title: str | None = None
+    ) -> Session:
+        """A new, empty session; owned by `user_id` (and in its index) when given. The title
+        stays unset (left out of the document) until one is set or the first message sets it."""
+        session = Session(
+            token=new_id(), name=name, session_start=utcnow(), title=title, user_id=user_id
+        )
+        if user_id is not None:  # index first: see core/conversations.py
+            await self.index.add(user_id, session.token, _epoch_ms(session.session_start))
         key = self.keys.session(session.token)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.json().set(key, "$", session.model_dump(mode="json"))
+            pipe.json().set(key, "$", session.model_dump(mode="json", exclude_none=True))
             pipe.expire(key, self._ttl)
             await pipe.execute()
         return session
@@ -217,9 +236,15 @@ class SessionStore:
                 self._history_cap,
                 int(settings.worker_lease_seconds * 1000),
                 settings.max_unanswered_messages if backlog_capped else 0,
+                json.dumps(title_from_message(text)),
             ],
         )
-        return _queue_outcome(result, message)
+        outcome = _queue_outcome(result, message)
+        if isinstance(outcome, Queued) and int(result[0]) == 1 and result[4]:
+            # The owner's index sits in another slot: a step of its own (core/conversations.py).
+            owner = result[4].decode() if isinstance(result[4], bytes) else str(result[4])
+            await self.index.touch(owner, token, _epoch_ms(outcome.message.timestamp))
+        return outcome
 
     async def check_rate(self, kind: str, subject: str, limit: int, period_seconds: int) -> int:
         """Count one request of `kind` by `subject` against `limit` per period (one atomic
@@ -260,6 +285,59 @@ class SessionStore:
     async def publish_delta(self, token: str, event: DeltaEvent) -> None:
         """Send a piece of a reply being generated to the session's sockets."""
         await self.redis.publish(self.keys.events(token), dump_event(event))
+
+    # --- Conversations (API v1 and slash commands) ------------------------------------------
+
+    async def set_title(self, token: str, title: str) -> bool:
+        """Rename; False when the session does not exist. Every socket hears of it."""
+        event = ConversationEvent(change=ConversationChange.TITLE, title=title)
+        return await self._change_conversation(token, event, json.dumps(title))
+
+    async def reset(self, token: str) -> bool:
+        """Empty the history and stop the reply in progress; a reply to a message from
+        before the reset is not stored (add_reply.lua answers QUESTION_GONE)."""
+        return await self._change_conversation(
+            token, ConversationEvent(change=ConversationChange.RESET)
+        )
+
+    async def delete(self, token: str) -> bool:
+        """Delete the session and stop its reply in progress: its sockets are told (the
+        server closes them with 1008), and a reply being generated is never stored
+        (add_reply.lua finds no session). The owner's index forgets it afterwards."""
+        owner = await self.owner(token)
+        deleted = await self._change_conversation(
+            token, ConversationEvent(change=ConversationChange.DELETED)
+        )
+        if owner is not None:
+            await self.index.remove(owner, token)
+        return deleted
+
+    async def owner(self, token: str) -> str | None:
+        """The user id that owns the session; None for an anonymous or missing one."""
+        if not is_uuid4(token):
+            return None
+        values: Any = await self.redis.json().get(self.keys.session(token), "$.user_id")
+        return values[0] if values and isinstance(values[0], str) else None
+
+    async def _change_conversation(
+        self, token: str, event: ConversationEvent, title: str = ""
+    ) -> bool:
+        if not is_uuid4(token):
+            return False
+        stop = json.dumps({"type": "stop", "token": token})
+        changed = await self._change(
+            keys=[self.keys.session(token), self.keys.stop(token)],
+            args=[
+                event.change.value,
+                title,
+                self._ttl,
+                self.keys.events(token),
+                dump_event(event),
+                self.keys.control,
+                stop,
+            ],
+        )
+        return bool(int(changed))
 
     # --- Generation attempts (the poison-message guard) ----------------------------------------
 
@@ -337,6 +415,10 @@ def _parse_slice(raw: object) -> list[Message] | None:
     if isinstance(raw, str | bytes):
         return _MESSAGE_SLICE.validate_json(raw)
     return _MESSAGE_SLICE.validate_python(raw)
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _stop_time(value: str | bytes | None) -> datetime | None:

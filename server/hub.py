@@ -21,11 +21,15 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from core.keys import Keys
-from core.models import ack_message_id
+from core.models import ConversationChange, ConversationEvent, ack_message_id, dump_event
 
 logger = logging.getLogger(__name__)
 
 RESYNC_CODE = 1012  # "service restart": reconnect, and reload the history first
+DELETED_CODE = 1008  # policy violation: the conversation is gone, do not reconnect to it
+DELETED_REASON = "Conversation deleted"
+# The event change_conversation.lua publishes when a conversation is deleted, exactly.
+DELETED_FRAME = dump_event(ConversationEvent(change=ConversationChange.DELETED))
 
 
 class OutboxOverflow(Exception):
@@ -214,6 +218,15 @@ class EventHub:
             for outbox in members:
                 outbox.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
 
+    def _deliver(self, channel: str, frame: str) -> None:
+        """Put the event in every outbox of the channel; after a `deleted` event, the close
+        (1008): the session is gone, so its sockets have nothing left to serve."""
+        deleted = frame == DELETED_FRAME
+        for outbox in tuple(self._subscribers.get(channel, ())):
+            outbox.put(frame)
+            if deleted:
+                outbox.put(CloseSocket(DELETED_CODE, DELETED_REASON))
+
     async def _read_loop(self) -> None:
         assert self._pubsub is not None
         failures = 0
@@ -236,8 +249,7 @@ class EventHub:
                 continue
             kind, channel = message["type"], message["channel"]
             if kind == "message":
-                for outbox in tuple(self._subscribers.get(channel, ())):
-                    outbox.put(message["data"])
+                self._deliver(channel, message["data"])
             elif kind == "subscribe":
                 confirmation = self._confirmations.get(channel)
                 if confirmation is not None and not confirmation.done():

@@ -14,11 +14,13 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from core.accounts import AccountStore
 from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
 from core.metrics import QueueCollector, serving_registry
 from core.redis import create_redis, ensure_group, eviction_warning
+from core.stats import StatsReader
 from core.store import SessionStore
 from server.api.deps import Services
 from server.api.errors import unavailable_response
@@ -56,8 +58,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             keys=keys,
             redis=redis,
             store=SessionStore(redis, settings, keys=keys),
+            accounts=AccountStore(redis, keys),
             hub=hub,
             sockets=sockets,
+            stats=StatsReader(redis, keys, settings.worker_lease_seconds),
         )
         if (warning := await eviction_warning(redis)) is not None:
             logger.warning("%s", warning)
@@ -104,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["*"],
         )
     if settings.forwarded_allow_ips:

@@ -9,9 +9,11 @@
 -- ARGV[4] token, ARGV[5] message id, ARGV[6] events channel, ARGV[7] ack event JSON,
 -- ARGV[8] messages per window per session (0 = no limit), ARGV[9] per address (0 = no limit),
 -- ARGV[10] window (ms), ARGV[11] history cap (0 = none), ARGV[12] worker lease (ms),
--- ARGV[13] unanswered messages allowed per session (0 = no limit)
+-- ARGV[13] unanswered messages allowed per session (0 = no limit), ARGV[14] the title (JSON
+-- string) the conversation takes if it has none yet (its first message's)
 -- Returns {0} the session does not exist (expired); {1, stream entry id, live workers,
--- timestamp} stored; {2, wait ms} refused by a rate limit; {4, limit} refused: the session has
+-- timestamp, owner's user id or ""} stored (the caller then touches the owner's index, which
+-- sits in another slot); {2, wait ms} refused by a rate limit; {4, limit} refused: the session has
 -- `limit` messages waiting for a reply (nothing written on a refusal); {3} already stored (a
 -- retry). Idempotent: if the client retries after a lost reply, the message is not stored twice.
 -- The stream is not trimmed: workers delete each entry once it is answered (XACK + XDEL), so it
@@ -48,8 +50,10 @@ end
 redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', restamp(ARGV[1]))
 redis.call('JSON.SET', KEYS[1], '$.unanswered', waiting + 1)
 cap_history(KEYS[1], tonumber(ARGV[11]))
+redis.call('JSON.SET', KEYS[1], '$.title', ARGV[14], 'NX')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+local owner = cjson.decode(redis.call('JSON.GET', KEYS[1], '$.user_id'))[1]
 local entry = redis.call('XADD', KEYS[2], '*', 'token', ARGV[4], 'id', ARGV[5])
 redis.call('PUBLISH', ARGV[6], restamp(ARGV[7]))
 local alive = redis.call('ZCOUNT', KEYS[5], now - tonumber(ARGV[12]), '+inf')
-return {1, entry, alive, stamp}
+return {1, entry, alive, stamp, type(owner) == 'string' and owner or ''}

@@ -9,8 +9,10 @@ from fastapi import Depends
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from core.accounts import AccountStore
 from core.config import Settings
 from core.keys import Keys
+from core.stats import StatsReader
 from core.store import SessionStore
 from server.hub import EventHub
 from server.sockets import SocketRegistry
@@ -24,8 +26,10 @@ class Services:
     keys: Keys
     redis: Redis
     store: SessionStore
+    accounts: AccountStore
     hub: EventHub
     sockets: SocketRegistry
+    stats: StatsReader
 
 
 def get_services(conn: HTTPConnection) -> Services:

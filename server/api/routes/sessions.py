@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query
 
 from core.models import Session, short
+from server.api.auth import INVALID_CREDENTIALS, CallerDep
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
 
@@ -50,18 +51,25 @@ def name_problem(name: str, max_chars: int) -> str | None:
 @router.post(
     "/token",
     response_model_exclude_none=True,
-    responses={400: {"description": "Blank, over-long or unusable name"}, 429: RATE_LIMITED},
+    responses={
+        400: {"description": "Blank, over-long or unusable name"},
+        401: {"description": f"An API key was sent that opens nothing: {INVALID_CREDENTIALS}"},
+        429: RATE_LIMITED,
+    },
     dependencies=[
         Depends(http_rate_limit("http-token", lambda settings: settings.rate_limit_token_requests))
     ],
 )
-async def token_generator(name: str, services: ServicesDep) -> Session:
-    """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL."""
+async def token_generator(name: str, services: ServicesDep, caller: CallerDep) -> Session:
+    """Start a chat session for `name`: a UUID4 token and an empty history, with a TTL.
+    With an API key (`Authorization: Bearer` or `ACCESS-TOKEN`) it belongs to the key's
+    user, as `POST /v1/conversations` does; without one it is anonymous, as ever."""
     name = name.strip()
     problem = name_problem(name, services.settings.max_name_chars)
     if problem is not None:
         raise HTTPException(400, detail={"loc": "name", "msg": problem})
-    session = await services.store.create(name)
+    user_id = caller.user.user_id if caller.user is not None else None
+    session = await services.store.create(name, user_id=user_id)
     logger.info("session %s started", short(session.token))
     return session
 

@@ -1,0 +1,121 @@
+"""The service's numbers for `GET /v1/admin/stats`, read from Redis (nothing here writes).
+
+Sessions and open sockets have no counter of their own (a counter written next to every
+session would sit in another Cluster slot, and would drift whenever a TTL ends a session), so
+they are counted with SCAN over the deployment's keys. So that an admin call never walks a
+large keyspace at once, each call advances the count by at most `SCAN_STEPS` SCAN calls of
+`SCAN_COUNT` keys (about 100,000 keys examined): a small keyspace is counted afresh on every
+call, a large one over several calls, and until a pass completes the answer is the last
+complete pass (`exact`), or before the first one a lower bound. SCAN may return a key twice
+while Redis rehashes, so the count is close, not exact to the key.
+
+Workers, the queue and its oldest entry are read directly: each is one command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from core.keys import Keys
+from core.models import ServiceStats
+
+SCAN_COUNT = 1000
+SCAN_STEPS = 100
+
+
+@dataclass(slots=True)
+class _Pass:
+    cursor: int = 0
+    sessions: int = 0
+    sockets: int = 0
+
+
+class StatsReader:
+    """One per server process: it keeps the SCAN pass under way between calls."""
+
+    def __init__(self, redis: Redis, keys: Keys, worker_lease_seconds: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._lease_ms = int(worker_lease_seconds * 1000)
+        self._pass = _Pass()
+        self._done: _Pass | None = None  # the last complete pass
+        self._lock = asyncio.Lock()  # one pass at a time: concurrent calls would count twice
+
+    async def read(self) -> ServiceStats:
+        now_ms = await self._now_ms()
+        async with self._lock:
+            counted = await self._count_keys(now_ms)
+        waiting, pending, oldest_ms = await self._queue()
+        alive = await self._redis.zcount(self._keys.workers_alive, now_ms - self._lease_ms, "+inf")
+        return ServiceStats(
+            sessions=counted.sessions,
+            sessions_exact=counted is self._done,
+            sockets_open=counted.sockets,
+            workers_alive=int(alive),
+            messages_waiting=waiting,
+            messages_pending=pending,
+            oldest_waiting_seconds=None
+            if oldest_ms is None
+            else max(0.0, (now_ms - oldest_ms) / 1000),
+        )
+
+    async def _now_ms(self) -> int:
+        seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def _count_keys(self, now_ms: int) -> _Pass:
+        """Advance the pass by at most SCAN_STEPS; the complete pass to report, else the
+        partial one."""
+        sessions = self._keys.session("")
+        sockets = self._keys.sockets("")
+        match = _glob_escape(self._keys.prefix) + ":*"
+        current = self._pass
+        for _ in range(SCAN_STEPS):
+            cursor, found = await self._redis.scan(current.cursor, match=match, count=SCAN_COUNT)
+            names = [str(name) for name in found]  # the client decodes responses
+            socket_sets = [name for name in names if name.startswith(sockets)]
+            current.sessions += len([name for name in names if name.startswith(sessions)])
+            if socket_sets:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name in socket_sets:
+                        pipe.zcount(name, f"({now_ms}", "+inf")  # leases not run out
+                    current.sockets += sum(int(n) for n in await pipe.execute())
+            current.cursor = int(cursor)
+            if current.cursor == 0:
+                self._done, self._pass = current, _Pass()
+                return current
+        return self._done or current
+
+    async def _queue(self) -> tuple[int, int, int | None]:
+        """Waiting (not yet taken by a worker), pending (taken, unanswered), and the time
+        (ms) the oldest waiting message was queued: the first entry after the group's last
+        delivered id. Answered entries are deleted, so the stream holds only these."""
+        try:
+            groups: Any = await self._redis.xinfo_groups(self._keys.requests)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return 0, 0, None
+            raise
+        group = next((g for g in groups if g["name"] == self._keys.group), None)
+        if group is None:
+            return 0, 0, None
+        pending = int(group["pending"])
+        lag = group.get("lag")
+        if lag is None:  # Redis cannot tell after some deletions: QueueCollector's reading
+            lag = max(0, int(await self._redis.xlen(self._keys.requests)) - pending)
+        if int(lag) == 0:
+            return 0, pending, None
+        first: Any = await self._redis.xrange(
+            self._keys.requests, f"({group['last-delivered-id']}", "+", count=1
+        )
+        oldest = int(str(first[0][0]).split("-")[0]) if first else None
+        return int(lag), pending, oldest
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
