@@ -272,6 +272,51 @@ try {
     log('the list survives a reload; the drawer closes on choosing');
   }
 
+  async function accountSteps() {
+    await openDrawer();
+    await nav.getByText('Account (optional)').click();
+    await nav.getByLabel('Account name').fill('Carol');
+    await nav.getByLabel('Account name').press('Enter');
+    const apiKey = (await nav.getByTestId('api-key').innerText()).trim();
+    check(/^chat_[A-Za-z0-9_-]{43}$/.test(apiKey), `the key is shown: ${apiKey.slice(0, 8)}…`);
+    check((await page.evaluate(() => localStorage.getItem('chat.apiKey'))) === apiKey, 'the key is kept');
+    await nav.getByRole('button', { name: 'Done' }).click();
+    check((await nav.getByTestId('api-key').count()) === 0, 'the key is shown once');
+    await nav.getByText('Signed in as Carol').waitFor();
+    check((await rows.count()) === 0, 'a new account has no conversations');
+    await page.keyboard.press('Escape');
+
+    // The start screen's chat and a "New chat" both belong to the account.
+    await page.getByLabel('Your name').fill('Carol');
+    await page.getByLabel('Your name').press('Enter');
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByRole('button', { name: 'New chat' }).click();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    const listed = await page.evaluate(async (key) => {
+      const r = await fetch('/v1/conversations', { headers: { Authorization: `Bearer ${key}` } });
+      return (await r.json()).conversations.map((c) => c.conversation_id);
+    }, apiKey);
+    check(listed.length === 2, `the account has both conversations: ${listed}`);
+    const shownToken = await page.evaluate(() => localStorage.getItem('chat.token'));
+    check(listed[0] === shownToken, 'the newest first, and it is the one shown');
+
+    // Reload: the list comes from the server.
+    await page.reload();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByText('Signed in as Carol').waitFor();
+    await until(async () => (await rows.count()) === 2, 'the account list after a reload');
+    check((await page.evaluate(() => localStorage.getItem('chat.conversations'))) === '[]', 'account chats are not kept as anonymous tokens');
+
+    // Sign out: this browser's own list (empty by now) and the start screen.
+    await nav.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Your name').waitFor();
+    check((await page.evaluate(() => localStorage.getItem('chat.apiKey'))) === null, 'the key is forgotten');
+    check((await rows.count()) === 0, 'no anonymous conversation left');
+    log('account: key shown once, its chats listed from the server after a reload, sign out');
+  }
+
   /** Sends a message with the keyboard and waits for its reply to settle. */
   async function chat(text, expectedItems) {
     await box.fill(text);
@@ -425,6 +470,10 @@ try {
   await page.reload();
   await page.getByRole('alert').filter({ hasText: 'Your session expired' }).waitFor();
   log('expired session (reload) returns to the start screen');
+
+  // 8. With an account: register (the key is shown once), chats belong to it, the list is the
+  //    server's and survives a reload; signing out goes back to this browser's (empty) list.
+  await accountSteps();
 
   check(pageErrors.length === 0, `no errors in the page: ${pageErrors.join('; ')}`);
   check(violations.length === 0, `no CSP violations: ${violations.join('; ')}`);
