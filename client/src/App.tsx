@@ -19,6 +19,7 @@ export function App({ client, sidebar }: { client: ChatClient; sidebar: Sidebar 
     return () => {
       window.removeEventListener('online', online);
       client.dispose();
+      sidebar.dispose();
     };
   }, [client, sidebar]);
 

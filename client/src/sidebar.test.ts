@@ -217,6 +217,33 @@ describe('without an account', () => {
   });
 });
 
+describe('two tabs', () => {
+  it("never drops another tab's token, and shows the other tab's changes", async () => {
+    localStorage.setItem(NAME_KEY, 'Ann');
+    const otherServer = new FakeServer();
+    const other = otherServer.makeApp();
+    await start();
+    await other.sidebar.init(); // the second tab's list is empty too
+    server.answer('POST /v1/conversations', { status: 201, body: doc(A, null, '2026-11-23T12:00:00Z') });
+    await sidebar.newChat(); // this tab adds A: the second tab's list does not have it
+    otherServer.answer('POST /v1/conversations', { status: 201, body: doc(B, null, '2026-11-23T12:00:00Z') });
+    await other.sidebar.newChat(); // the second tab adds B: A must stay stored
+    expect(stored().map((i) => i.id).sort()).toEqual([A, B]);
+    // This tab hears of B through the storage event.
+    window.dispatchEvent(
+      new StorageEvent('storage', { key: CONVERSATIONS_KEY, newValue: localStorage.getItem(CONVERSATIONS_KEY) }),
+    );
+    expect(list().sort()).toEqual(['a:null', 'b:null']);
+    // A removal in one tab removes only that token.
+    server.answer(`DELETE ${conv(B)}`, { status: 204 });
+    await sidebar.delete(B);
+    expect(stored().map((i) => i.id)).toEqual([A]);
+    other.client.dispose();
+    other.sidebar.dispose();
+    sidebar.dispose();
+  });
+});
+
 describe('with an account', () => {
   const row = (id: string, title: string, updated: string) => ({ conversation_id: id, title, created: updated, updated, message_count: 2 });
 

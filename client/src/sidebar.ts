@@ -91,9 +91,40 @@ export class Sidebar {
   }
 
   private setItems(update: (items: ConversationItem[]) => ConversationItem[]): void {
-    const items = update(this.view.items);
+    const before = this.view.items;
+    const items = update(before);
     this.set({ items });
-    if (this.view.mode === 'anonymous') this.write(CONVERSATIONS_KEY, serialize(items));
+    if (this.view.mode === 'anonymous') this.persist(before, items);
+  }
+
+  /**
+   * Writes the change from `before` to `after` into the stored list as it is now, not the
+   * whole list: another tab may have added a token since this one read it, and a token lost
+   * is a conversation lost.
+   */
+  private persist(before: ConversationItem[], after: ConversationItem[]): void {
+    const kept = new Map(after.map((i) => [i.id, i]));
+    const gone = new Set(before.filter((i) => !kept.has(i.id)).map((i) => i.id));
+    const old = new Map(before.map((i) => [i.id, i]));
+    const changed = after.filter((i) => {
+      const o = old.get(i.id);
+      return !o || o.title !== i.title || o.updated !== i.updated;
+    });
+    if (gone.size === 0 && changed.length === 0 && this.read(CONVERSATIONS_KEY) !== null) return;
+    let stored = parseStored(this.read(CONVERSATIONS_KEY)).filter((i) => !gone.has(i.id));
+    for (const item of changed) stored = upsert(stored, item);
+    this.write(CONVERSATIONS_KEY, serialize(stored));
+  }
+
+  /** Another tab changed the stored list: show it (nothing to write back). */
+  private onStorage = (e: StorageEvent): void => {
+    if (e.key !== CONVERSATIONS_KEY || this.view.mode !== 'anonymous') return;
+    this.set({ items: parseStored(e.newValue) });
+  };
+
+  /** Stops listening to other tabs (the page is going away). */
+  dispose(): void {
+    if (typeof window !== 'undefined') window.removeEventListener('storage', this.onStorage);
   }
 
   // --- Start ------------------------------------------------------------------------------
@@ -107,6 +138,7 @@ export class Sidebar {
       deleted: (id) => void this.dropped(id),
       expired: (id) => this.setItems((items) => without(items, id)),
     });
+    if (typeof window !== 'undefined') window.addEventListener('storage', this.onStorage);
     const key = this.read(API_KEY);
     if (key) await this.signIn(key, false);
     else await this.loadAnonymous(true);
