@@ -164,6 +164,13 @@ describe('chat screen', () => {
     expect(server.sockets).toHaveLength(2);
   });
 
+  it("shows a reply's tokens_used", async () => {
+    await openChat([]);
+    await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
+    await emit({ type: 'message', id: 'b1', reply_to: 'h1', source: 'bot', msg: 'a', timestamp: 'T', tokens_used: 30 });
+    expect(within(log()).getByText('30 tokens')).toHaveAttribute('title', 'Prompt plus reply, in model tokens');
+  });
+
   it('shows a queued notice under the message', async () => {
     await openChat([]);
     await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
