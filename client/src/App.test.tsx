@@ -282,7 +282,9 @@ describe('conversation sidebar', () => {
     expect(nav()).toHaveClass('open');
     expect(toggle).toHaveAttribute('aria-expanded', 'true');
     expect(screen.getByRole('button', { name: 'Close the conversation list' })).toHaveFocus();
+    expect(screen.getByRole('main', { hidden: true })).toHaveAttribute('inert');
     await user.keyboard('{Escape}');
+    expect(screen.getByRole('main')).not.toHaveAttribute('inert');
     expect(nav()).not.toHaveClass('open');
     expect(toggle).toHaveFocus();
 

@@ -30,7 +30,8 @@ export function App({ client, sidebar }: { client: ChatClient; sidebar: Sidebar 
   return (
     <div className="layout">
       <SidebarPanel view={list} sidebar={sidebar} currentId={view.token} />
-      <main className="app">
+      {/* Behind the open drawer nothing takes the focus or a click (the drawer is modal). */}
+      <main className="app" inert={list.drawerOpen || undefined}>
         {view.screen === 'start' ? (
           <>
             <div className="bar start-bar">{drawer}</div>

@@ -11,6 +11,8 @@ interface Props {
 }
 
 export const SIDEBAR_ID = 'conversations';
+/** The widest screen with the drawer: `@media (max-width: 720px)` in styles.css. */
+export const DRAWER_MAX_PX = 720;
 
 /**
  * The conversation list. Beside the chat on a wide screen; on a phone-width one a drawer
@@ -30,7 +32,17 @@ export function SidebarPanel({ view, sidebar, currentId }: Props) {
         if (e.key === 'Escape') sidebar.closeDrawer();
       };
       document.addEventListener('keydown', onKey);
-      return () => document.removeEventListener('keydown', onKey);
+      // Turned or resized to a wide screen: no drawer there, so it must not stay open (the chat
+      // would stay inert behind it).
+      const wide = window.matchMedia?.(`(min-width: ${DRAWER_MAX_PX + 1}px)`);
+      const onWide = () => {
+        if (wide?.matches) sidebar.closeDrawer();
+      };
+      wide?.addEventListener('change', onWide);
+      return () => {
+        document.removeEventListener('keydown', onKey);
+        wide?.removeEventListener('change', onWide);
+      };
     }
     const back = opener.current;
     opener.current = null;
