@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core.conversations import IndexEntry, decode_cursor, encode_cursor
 from core.keys import Keys
 from core.models import User, is_uuid4, new_id, utcnow
 
@@ -69,19 +70,44 @@ class AccountStore:
         fields = await self._fields(user_id) if is_uuid4(user_id) else None
         return None if fields is None else _user(user_id, fields)
 
-    async def page(self, limit: int, after: str | None) -> tuple[list[User], str | None]:
-        """Accounts oldest first, `limit` after the user id `after` (the last of the previous
-        page); the next page's `after`, or None at the end."""
-        start = 0
-        if after is not None:
-            rank: Any = await self.redis.zrank(self.keys.users, after)
-            if rank is None:
-                raise ValueError("Invalid cursor: pass the next_cursor of an earlier page")
-            start = int(rank) + 1
-        ids: list[Any] = await self.redis.zrange(self.keys.users, start, start + limit)
-        users = [user for user in [await self.get(_text(i)) for i in ids[:limit]] if user]
-        more = len(ids) > limit
-        return users, (_text(ids[limit - 1]) if more else None)
+    async def page(self, limit: int, cursor: str | None) -> tuple[list[User], str | None]:
+        """Accounts oldest first, `limit` after `cursor` (the `next_cursor` of the previous
+        page); the next page's cursor, or None at the end. Keyset pagination on (creation
+        time, user id), the conversation index's cursor form: an account deleted between two
+        pages (the admin deleting what it lists) does not break the next one, as a rank or a
+        bare user id would. Raises BadCursor for a cursor it did not write."""
+        rows: list[Any]
+        if cursor is None:
+            rows = await self.redis.zrange(
+                self.keys.users,
+                "-inf",
+                "+inf",
+                byscore=True,
+                offset=0,
+                num=limit + 1,
+                withscores=True,
+            )
+        else:
+            after = decode_cursor(cursor)
+            ties: list[Any] = await self.redis.zrange(
+                self.keys.users, after.updated_ms, after.updated_ms, byscore=True, withscores=True
+            )
+            newer: list[Any] = await self.redis.zrange(
+                self.keys.users,
+                f"({after.updated_ms}",
+                "+inf",
+                byscore=True,
+                offset=0,
+                num=limit + 1,
+                withscores=True,
+            )
+            same = [row for row in ties if _text(row[0]) > after.token]
+            rows = (same + newer)[: limit + 1]
+        users = [user for user in [await self.get(_text(row[0])) for row in rows[:limit]] if user]
+        if len(rows) <= limit:
+            return users, None
+        last = rows[limit - 1]
+        return users, encode_cursor(IndexEntry(_text(last[0]), int(last[1])))
 
     async def revoke(self, user_id: str) -> bool:
         """Make the account's key stop working and forget the account; False when unknown.

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
+from core.conversations import BadCursor
 from core.models import ServiceStats, UserPage, is_uuid4
 from server.api.auth import INVALID_CREDENTIALS, require_master
 from server.api.deps import ServicesDep
@@ -44,7 +45,7 @@ async def list_users(
     """Every account, oldest first."""
     try:
         users, next_cursor = await services.accounts.page(limit, cursor)
-    except ValueError as exc:
+    except BadCursor as exc:
         raise HTTPException(400, detail=str(exc)) from exc
     return UserPage(users=users, next_cursor=next_cursor)
 
