@@ -338,3 +338,20 @@ describe('conversations', () => {
     expect(view().chat.entries[3].tokensUsed).toBe(30);
   });
 });
+
+describe('slash commands', () => {
+  it('a command is answered, never marked lost after a reconnect', async () => {
+    await startChat([]);
+    client.send('/help');
+    expect(server.socket.sentJson()).toEqual([{ type: 'message', msg: '/help', client_id: 'c1' }]);
+    server.socket.emit({ type: 'command', command: 'help', detail: 'Commands: /help, /reset', client_id: 'c1' });
+    expect(shown()).toEqual(['human:/help:command']);
+    expect(view().chat.entries[0].commandReply).toBe('Commands: /help, /reset');
+    server.answer('/refresh_token', { status: 200, body: session([]) });
+    server.socket.drop(1006);
+    vi.advanceTimersByTime(MIN_BACKOFF_MS);
+    server.socket.open();
+    await flush();
+    expect(shown()).toEqual(['human:/help:command']);
+  });
+});

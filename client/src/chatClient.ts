@@ -6,6 +6,7 @@ import { type ApiResult, createSession, EXPIRED_TEXT, refreshSession } from './a
 import {
   addLocal,
   applyAck,
+  applyCommand,
   applyFinal,
   applyNotice,
   applyReplyError,
@@ -494,6 +495,11 @@ export class ChatClient {
         return;
       case 'conversation':
         this.onConversation(event);
+        return;
+      case 'command':
+        // Never acknowledged: the answer is the confirmation.
+        if (event.client_id !== undefined) this.unacked.delete(event.client_id);
+        this.setChat((chat) => applyCommand(chat, event));
         return;
       case 'error':
         break;

@@ -3,6 +3,7 @@
 
 import type {
   AckEvent,
+  CommandEvent,
   ErrorEvent,
   MessageEvent,
   NoticeEvent,
@@ -18,7 +19,8 @@ export type EntryStatus =
   | 'streaming' // a reply being generated (token events)
   | 'done' // a final reply
   | 'stopped' // a final reply cut by a stop
-  | 'error'; // a final error answer
+  | 'error' // a final error answer
+  | 'command'; // ours, a slash command the server answered (never stored)
 
 export interface Entry {
   /** Stable key for rendering: the client id of our own messages, else the server id. */
@@ -33,6 +35,8 @@ export interface Entry {
   error?: { code: string; detail: string };
   /** Why our message was not stored. */
   failReason?: string;
+  /** A slash command's answer. */
+  commandReply?: string;
   /** A final reply: prompt plus completion tokens, when the server counted them. */
   tokensUsed?: number;
 }
@@ -206,6 +210,33 @@ export function failLost(state: ChatState, clientIds: ReadonlySet<string>, reaso
       lost(e) ? { ...e, status: 'failed' as const, failReason: reason } : e,
     ),
   };
+}
+
+/**
+ * A slash command's answer: our message that was the command (named by `client_id`, else our
+ * oldest unacknowledged `/…`) shows it; with none left (a `/reset` already emptied the
+ * conversation) the command and its answer are added.
+ */
+export function applyCommand(state: ChatState, ev: CommandEvent): ChatState {
+  const isCommand = (e: Entry): boolean =>
+    e.status === 'sending' &&
+    (ev.client_id !== undefined
+      ? e.clientId === ev.client_id
+      : e.text.startsWith('/') && !e.text.startsWith('//'));
+  const index = state.entries.findIndex(isCommand);
+  if (index >= 0) {
+    return replace(state, index, { ...state.entries[index], status: 'command', commandReply: ev.detail });
+  }
+  const key = `command-${ev.client_id ?? state.entries.length}`;
+  return append(state, {
+    key,
+    clientId: ev.client_id,
+    source: 'human',
+    text: `/${ev.command}`,
+    timestamp: new Date().toISOString(),
+    status: 'command',
+    commandReply: ev.detail,
+  });
 }
 
 /** Takes one of our failed messages out of the conversation (to send it again). */

@@ -83,7 +83,18 @@ export interface ConversationEvent {
   title?: string | null;
 }
 
+/** The answer to a slash command (`/help`, `/title …`), to the sending socket only. */
+export interface CommandEvent {
+  type: 'command';
+  command: string;
+  detail: string;
+  title?: string | null;
+  /** The `message` command's own, when it had one. */
+  client_id?: string;
+}
+
 export type ServerEvent =
+  | CommandEvent
   | AckEvent
   | TokenEvent
   | MessageEvent
@@ -137,6 +148,8 @@ export function parseEvent(data: unknown): ServerEvent | null {
       return isString(e.code) ? ({ detail: '', ...e } as unknown as ErrorEvent) : null;
     case 'notice':
       return isString(e.code) ? ({ detail: '', ...e } as unknown as NoticeEvent) : null;
+    case 'command':
+      return isString(e.command) ? ({ detail: '', ...e } as unknown as CommandEvent) : null;
     case 'conversation':
       return isString(e.change) && CHANGES.has(e.change) && (e.title == null || isString(e.title))
         ? (e as unknown as ConversationEvent)
