@@ -321,6 +321,42 @@ describe('with an account', () => {
     expect(list()).toEqual(['a:A']);
   });
 
+  it("a kept key the server cannot check now (down) is kept; this browser's list is shown", async () => {
+    localStorage.setItem(API_KEY, KEY);
+    keep({ id: A, title: 'A', updated: '2026-11-23T11:00:00Z' });
+    server.answer('GET /v1/users/me', { status: 503, body: { detail: 'down' } });
+    server.always(`GET ${conv(A)}`, { status: 200, body: doc(A, 'A', '2026-11-23T11:00:00Z') });
+    await start();
+    expect(sidebar.getSnapshot()).toMatchObject({ mode: 'anonymous' });
+    expect(sidebar.getSnapshot().error).toMatch(/^Could not load your account: The server is having trouble \(HTTP 503\)/);
+    expect(localStorage.getItem(API_KEY)).toBe(KEY);
+    expect(list()).toEqual(['a:A']);
+  });
+
+  it("a refused registration says why in the server's words, and keeps nothing", async () => {
+    await start();
+    server.answer(
+      'POST /v1/users',
+      { status: 403, body: { detail: 'Registration is closed: ask an admin' } },
+      { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } },
+      { status: 429, body: { detail: 'Too many requests: try again in 7 s' }, headers: { 'Retry-After': '7' } },
+    );
+    for (const expected of ['Registration is closed: ask an admin', 'Enter a valid name', 'Too many requests: try again in 7 s']) {
+      expect(await sidebar.register('Ann')).toBe(false);
+      expect(sidebar.getSnapshot()).toMatchObject({ mode: 'anonymous', error: expected, newKey: null });
+    }
+    expect(localStorage.getItem(API_KEY)).toBeNull();
+  });
+
+  it('a key just registered is kept even if the account cannot be loaded right after', async () => {
+    await start();
+    server.answer('POST /v1/users', { status: 201, body: { ...ANN, api_key: KEY } });
+    server.answer('GET /v1/users/me', 'network');
+    expect(await sidebar.register('Ann')).toBe(false);
+    expect(localStorage.getItem(API_KEY)).toBe(KEY);
+    expect(sidebar.getSnapshot().newKey).toBe(KEY);
+  });
+
   it("signing out goes back to this browser's conversations and leaves the account's", async () => {
     localStorage.setItem(API_KEY, KEY);
     keep({ id: A, title: 'A', updated: '2026-11-23T11:00:00Z' });

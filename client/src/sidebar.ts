@@ -188,6 +188,8 @@ export class Sidebar {
       this.set({ error: result.failure.message });
       return false;
     }
+    // Kept at once: should the next call fail, the account is not lost with the key.
+    this.write(API_KEY, result.value.api_key);
     this.set({ newKey: result.value.api_key });
     return this.signIn(result.value.api_key, true);
   }
@@ -205,10 +207,17 @@ export class Sidebar {
     this.set({ loading: true });
     const me = await this.api.me(key);
     if (!me.ok) {
-      if (me.failure.kind === 'unauthorized') this.remove(API_KEY);
-      const message = byUser ? me.failure.message : `Signed out: ${me.failure.message}`;
+      const revoked = me.failure.kind === 'unauthorized';
+      // A refused key is never kept; one the server could not check (down) is, for next time.
+      if (revoked) this.remove(API_KEY);
+      let message = me.failure.message;
+      if (!byUser) {
+        message = revoked
+          ? `Signed out: ${message}`
+          : `Could not load your account: ${message} This browser's conversations are shown.`;
+      }
       this.set({ loading: false, error: message });
-      if (!byUser && me.failure.kind === 'unauthorized') await this.loadAnonymous(true);
+      if (!byUser) await this.loadAnonymous(true);
       return false;
     }
     this.key = key;
