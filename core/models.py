@@ -140,17 +140,42 @@ class ConversationSummary(BaseModel):
 # --- API v1 bodies and answers (docs/protocol.md "API v1") -----------------------------------
 
 # What the OpenAPI schema says of a name or title, so that a client generated from it sends
-# what the server accepts: blanks around it are trimmed; inside, no control characters (C0, DEL,
-# C1) and no U+FFFD; at least one visible character (JSON Schema `pattern`, ECMA-262). Only the
-# schema holds it: the server checks the same rules itself (`name_problem`) and answers 400 with
-# the reason, where a pydantic constraint would answer 422.
+# what the server accepts: blanks around it are trimmed; what is left is 1 to `max_chars`
+# characters with no control characters (C0, DEL, C1) and no U+FFFD, and at least one visible
+# character (JSON Schema `pattern`, ECMA-262; the lookahead finds the visible one). Only the
+# schema holds it: the server checks the same rules itself (`name_problem`) and answers 400
+# with the reason, where a pydantic constraint would answer 422. (Invisible format characters
+# outside the BMP are not in `_INVISIBLE`: a name made only of those passes the pattern and is
+# refused by the server.)
 _CONTROLS = r"\x00-\x1f\x7f-\x9f\ufffd"
-_INVISIBLE = r"\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
-LINE_PATTERN = rf"^\s*[^{_CONTROLS}]*[^{_CONTROLS}{_INVISIBLE}][^{_CONTROLS}]*\s*$"
+# What str.strip() trims (str.isspace), spelled out: ECMA's and Python's `\s` differ from it.
+_BLANK = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_INVISIBLE = (
+    _BLANK + r"\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+)
 
 
 def line_schema(max_chars: int) -> dict[str, JsonValue]:
-    return {"maxLength": max_chars, "pattern": LINE_PATTERN}
+    blanks = f"[{_BLANK}]*"
+    visible = f"(?=[^{_CONTROLS}]*[^{_CONTROLS}{_INVISIBLE}])"
+    return {"pattern": f"^{blanks}{visible}[^{_CONTROLS}]{{1,{max_chars}}}{blanks}$"}
+
+
+class ErrorBody(BaseModel):
+    """An HTTP error's body: `{"detail": "<why>"}` (FastAPI's form)."""
+
+    detail: str
+
+
+class FieldProblem(BaseModel):
+    loc: str = Field(description="the field refused")
+    msg: str = Field(description="why")
+
+
+class FieldErrorBody(BaseModel):
+    """A 400 for one field, the form `POST /token` answers for its name."""
+
+    detail: FieldProblem
 
 
 class UserCreate(BaseModel):

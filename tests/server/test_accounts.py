@@ -3,6 +3,7 @@ register, and the registration rate limit."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -119,3 +120,33 @@ async def test_registration_is_rate_limited_per_address(
         assert refused.json()["detail"].startswith("Too many requests")
         # /token keeps its own budget.
         assert (await http.post("/token", params={"name": "Ann"})).status_code == 200
+
+
+TRICKY_NAMES = [
+    "Ann",
+    "  Ann\t\n",
+    "\x1dAnn\x1f",
+    "\u3000Ann\u2028",
+    "a\x85b",
+    "\x85Ann",
+    "\u200bAnn",
+    "\u200b\u200c",
+    "\ufeff",
+    "x" * 100,
+    "  " + "x" * 100 + "  ",
+    "x" * 101,
+    "a\u00a0b",
+    "💡",
+    "a\ufffd",
+    "",
+]
+
+
+async def test_the_schemas_name_pattern_says_what_the_server_accepts(
+    http: httpx.AsyncClient,
+) -> None:
+    schema = (await http.get("/openapi.json")).json()
+    pattern = schema["components"]["schemas"]["UserCreate"]["properties"]["name"]["pattern"]
+    for name in TRICKY_NAMES:
+        accepted = (await http.post("/v1/users", json={"name": name})).status_code == 201
+        assert accepted == bool(re.fullmatch(pattern, name)), repr(name)

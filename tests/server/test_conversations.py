@@ -139,6 +139,8 @@ async def test_title_rules(http: httpx.AsyncClient, title: str, reason: str) -> 
     assert refused.json()["detail"]["loc"] == "title" and reason in refused.json()["detail"]["msg"]
     created = await http.post("/v1/conversations", json={"title": title}, headers=auth(key))
     assert created.status_code == 400
+    named = await http.post("/v1/conversations", json={"name": title}, headers=auth(key))
+    assert named.status_code == 400 and named.json()["detail"]["loc"] == "name"
     assert (await http.get(path, headers=auth(key))).json().get("title") is None
 
 
@@ -179,9 +181,24 @@ async def test_the_list_is_newest_activity_first_with_counts_and_a_cursor(
     )
     assert [row["conversation_id"] for row in second.json()["conversations"]] == [made[1]]
     assert second.json()["next_cursor"] is None
+    # Any well-formed cursor is a position: after the oldest, nothing.
+    nowhere = await http.get(
+        "/v1/conversations", params={"cursor": "1." + new_id()}, headers=auth(key)
+    )
+    assert nowhere.json() == {"conversations": [], "next_cursor": None}
 
 
-@pytest.mark.parametrize("cursor", ["%%%", "bm90LWEtY3Vyc29y", "MTIzOmFiYw-", "OnRva2Vu"])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "%%%",
+        "bm90LWEtY3Vyc29y",
+        "12.abc",
+        "-1." + new_id(),
+        "1." + new_id().upper(),
+        " 1." + new_id(),
+    ],
+)
 async def test_a_bad_cursor_is_400(http: httpx.AsyncClient, cursor: str) -> None:
     _, key = await register(http)
     response = await http.get("/v1/conversations", params={"cursor": cursor}, headers=auth(key))

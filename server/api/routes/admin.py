@@ -7,16 +7,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
-from core.conversations import BadCursor
-from core.models import ServiceStats, UserPage, is_uuid4
+from core.conversations import CURSOR_PATTERN, BadCursor
+from core.models import ErrorBody, ServiceStats, UserPage, is_uuid4
+from server.api.answers import BAD_CURSOR, NO_CONTENT, UNAUTHORIZED
 from server.api.auth import INVALID_CREDENTIALS, require_master
 from server.api.deps import ServicesDep
 
 logger = logging.getLogger(__name__)
 
 ADMIN_ANSWERS: dict[int | str, dict[str, Any]] = {
-    401: {"description": f"No master token, or a wrong one: {INVALID_CREDENTIALS}"},
-    404: {"description": "MASTER_TOKEN is unset: there are no admin routes"},
+    401: {
+        **UNAUTHORIZED,
+        "description": f"No master token, or a wrong one: {INVALID_CREDENTIALS}",
+    },
+    404: {"model": ErrorBody, "description": "MASTER_TOKEN is unset: there are no admin routes"},
 }
 router = APIRouter(
     prefix="/v1/admin",
@@ -34,12 +38,16 @@ async def stats(services: ServicesDep) -> ServiceStats:
     return await services.stats.read()
 
 
-@router.get("/users", responses={400: {"description": "Invalid cursor"}})
+@router.get("/users", responses={400: BAD_CURSOR})
 async def list_users(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=100, description="rows per page")] = 20,
     cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+        str | None,
+        Query(
+            description="`next_cursor` of the previous page",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
     ] = None,
 ) -> UserPage:
     """Every account, oldest first."""
@@ -54,7 +62,10 @@ async def list_users(
     "/users/{user_id}",
     status_code=204,
     response_class=Response,
-    responses={204: {"description": "Revoked and deleted"}, 404: {"description": USER_MISSING}},
+    responses={
+        204: NO_CONTENT,
+        404: {"model": ErrorBody, "description": f"{USER_MISSING}, or MASTER_TOKEN unset"},
+    },
 )
 async def delete_user(
     user_id: Annotated[str, Path(description="the account's user_id")], services: ServicesDep

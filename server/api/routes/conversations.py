@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 
-from core.conversations import BadCursor
+from core.conversations import CURSOR_PATTERN, BadCursor
 from core.models import (
     MAX_TITLE_CHARS,
     ConversationCreate,
@@ -23,23 +23,24 @@ from core.models import (
     TitleChange,
     short,
 )
+from server.api.answers import (
+    BAD_CURSOR,
+    BAD_NAME,
+    BAD_TITLE,
+    MISSING,
+    NO_CONTENT,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+)
 from server.api.auth import CONVERSATION_MISSING, CallerDep, UserDep, conversation_for
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
-from server.api.routes.sessions import RATE_LIMITED, name_problem
-from server.api.routes.users import BAD_NAME, UNAUTHORIZED
+from server.api.routes.sessions import name_problem
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 ANONYMOUS_NAME = "Anonymous"
-MISSING: dict[str, Any] = {
-    "description": f"{CONVERSATION_MISSING}: it does not exist, has expired, or this "
-    "credential may not touch it"
-}
-BAD_TITLE: dict[str, Any] = {
-    "description": f"Blank title, over {MAX_TITLE_CHARS} characters, or control characters"
-}
 ConversationId = Annotated[str, Path(description="the session token (a UUID4)")]
 
 
@@ -72,7 +73,9 @@ async def create_conversation(
     """A new conversation, owned by the key's user, else anonymous (its token is its key).
     The name defaults to the account's name (or "Anonymous")."""
     user = caller.user
-    name = (body.name or "").strip() or (user.name if user else ANONYMOUS_NAME)
+    default = user.name if user else ANONYMOUS_NAME
+    # Given, a name follows the rules of /token (a blank one is refused, not defaulted).
+    name = default if body.name is None else body.name.strip()
     if (problem := name_problem(name, services.settings.max_name_chars)) is not None:
         raise HTTPException(400, detail={"loc": "name", "msg": problem})
     title = None if body.title is None else checked_title(body.title)
@@ -81,13 +84,17 @@ async def create_conversation(
     return session
 
 
-@router.get("", responses={400: {"description": "Invalid cursor"}, 401: UNAUTHORIZED})
+@router.get("", responses={400: BAD_CURSOR, 401: UNAUTHORIZED})
 async def list_conversations(
     user: UserDep,
     services: ServicesDep,
     limit: Annotated[int | None, Query(ge=1, le=100, description="rows per page")] = None,
     cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+        str | None,
+        Query(
+            description="`next_cursor` of the previous page",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
     ] = None,
 ) -> ConversationPage:
     """The account's conversations, newest activity first (keyset pagination: stable while
@@ -146,7 +153,11 @@ async def _summaries(
     return found
 
 
-@router.get("/{conversation_id}", response_model_exclude_none=True, responses={404: MISSING})
+@router.get(
+    "/{conversation_id}",
+    response_model_exclude_none=True,
+    responses={401: UNAUTHORIZED, 404: MISSING},
+)
 async def get_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep
 ) -> Session:
@@ -157,7 +168,7 @@ async def get_conversation(
 @router.patch(
     "/{conversation_id}",
     response_model_exclude_none=True,
-    responses={400: BAD_TITLE, 404: MISSING},
+    responses={400: BAD_TITLE, 401: UNAUTHORIZED, 404: MISSING},
 )
 async def rename_conversation(
     conversation_id: ConversationId, body: TitleChange, caller: CallerDep, services: ServicesDep
@@ -175,7 +186,7 @@ async def rename_conversation(
     "/{conversation_id}",
     status_code=204,
     response_class=Response,
-    responses={204: {"description": "Deleted"}, 404: MISSING},
+    responses={204: NO_CONTENT, 401: UNAUTHORIZED, 404: MISSING},
 )
 async def delete_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep
@@ -189,7 +200,11 @@ async def delete_conversation(
     logger.info("conversation %s deleted", short(session.token))
 
 
-@router.post("/{conversation_id}/reset", response_model_exclude_none=True, responses={404: MISSING})
+@router.post(
+    "/{conversation_id}/reset",
+    response_model_exclude_none=True,
+    responses={401: UNAUTHORIZED, 404: MISSING},
+)
 async def reset_conversation(
     conversation_id: ConversationId, caller: CallerDep, services: ServicesDep
 ) -> Session:

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
-from core.models import NewUser, User, UserCreate
-from server.api.auth import INVALID_CREDENTIALS, UserDep, bearer
+from core.models import ErrorBody, NewUser, User, UserCreate
+from server.api.answers import BAD_NAME, RATE_LIMITED, UNAUTHORIZED
+from server.api.auth import UserDep, bearer
 from server.api.deps import ServicesDep
 from server.api.guards import http_rate_limit
-from server.api.routes.sessions import RATE_LIMITED, name_problem
+from server.api.routes.sessions import name_problem
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/users", tags=["accounts"])
 
 REGISTRATION_CLOSED = "Registration needs the master token (REGISTRATION=admin)"
-UNAUTHORIZED: dict[str, Any] = {
-    "description": f"No API key, or one that opens nothing: {INVALID_CREDENTIALS}"
-}
-BAD_NAME: dict[str, Any] = {"description": "Blank, over-long or unusable name (as `POST /token`)"}
 
 
 def registration_allowed(request: Request, services: ServicesDep) -> None:
@@ -43,7 +39,7 @@ def registration_allowed(request: Request, services: ServicesDep) -> None:
     status_code=201,
     responses={
         400: BAD_NAME,
-        403: {"description": REGISTRATION_CLOSED},
+        403: {"model": ErrorBody, "description": REGISTRATION_CLOSED},
         429: RATE_LIMITED,
     },
     dependencies=[
