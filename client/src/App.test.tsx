@@ -39,9 +39,9 @@ describe('start screen', () => {
   it("shows the server's error for an empty name, then starts the chat", async () => {
     const user = userEvent.setup();
     server.answer(
-      '/token',
+      'POST /v1/conversations',
       { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } },
-      { status: 200, body: session([], 'Ann') },
+      { status: 201, body: session([], 'Ann') },
     );
     server.always('/refresh_token', { status: 200, body: session([], 'Ann') });
     renderApp();

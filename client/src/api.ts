@@ -33,13 +33,10 @@ async function call(
   method: string,
   url: string,
   on400: 'invalid' | 'expired',
-  bearer: string | null = null,
 ): Promise<ApiResult> {
-  const headers: Record<string, string> = { Accept: 'application/json' };
-  if (bearer) headers.Authorization = `Bearer ${bearer}`;
   let response: Response;
   try {
-    response = await fetchFn(url, { method, headers });
+    response = await fetchFn(url, { method, headers: { Accept: 'application/json' } });
   } catch {
     return { ok: false, failure: { kind: 'network', message: NETWORK_TEXT } };
   }
@@ -69,14 +66,8 @@ async function call(
   return { ok: false, failure: { kind: 'server', message, status: response.status } };
 }
 
-/** `POST /token?name=`; with an API key the session belongs to the key's user. */
-export function createSession(
-  fetchFn: typeof fetch,
-  base: string,
-  name: string,
-  key: string | null = null,
-): Promise<ApiResult> {
-  return call(fetchFn, 'POST', `${base}/token?name=${encodeURIComponent(name)}`, 'invalid', key);
+export function createSession(fetchFn: typeof fetch, base: string, name: string): Promise<ApiResult> {
+  return call(fetchFn, 'POST', `${base}/token?name=${encodeURIComponent(name)}`, 'invalid');
 }
 
 export function refreshSession(

@@ -185,9 +185,9 @@ export class ChatClient {
     }
   }
 
-  /** Starts a session with `POST /token` (the tutorial's way in), owned by `key`'s user if any. */
-  start(name: string, key: string | null = null): Promise<SessionDocument | null> {
-    return this.begin(() => createSession(this.deps.fetch, this.deps.httpBase, name, key));
+  /** Starts a session with `POST /token` (the tutorial's way in). */
+  start(name: string): Promise<SessionDocument | null> {
+    return this.begin(() => createSession(this.deps.fetch, this.deps.httpBase, name));
   }
 
   /**

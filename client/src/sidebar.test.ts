@@ -97,13 +97,14 @@ describe('without an account', () => {
     await sidebar.newChat();
     expect(server.made('POST', '/v1/conversations')).toHaveLength(0);
     expect(client.getSnapshot().screen).toBe('start');
-    server.answer('/token', { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } });
+    server.answer('POST /v1/conversations', { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } });
     await sidebar.newChat('');
+    expect(server.made('POST', '/v1/conversations')[0].body).toEqual({ name: '' });
     expect(client.getSnapshot()).toMatchObject({ screen: 'start', startMessage: 'Enter a valid name' });
     expect(list()).toEqual([]);
-    server.answer('/token', { status: 200, body: doc(A, null, '2026-11-23T12:00:00Z') });
+    server.answer('POST /v1/conversations', { status: 201, body: doc(A, null, '2026-11-23T12:00:00Z') });
     await sidebar.newChat('Ann');
-    expect(server.made('POST', '/token')[1]).toMatchObject({ path: '/token?name=Ann', authorization: null });
+    expect(server.made('POST', '/v1/conversations')[1]).toMatchObject({ body: { name: 'Ann' }, authorization: null });
     expect(client.getSnapshot().token).toBe(A);
     expect(stored().map((i) => i.id)).toEqual([A]);
     expect(localStorage.getItem(NAME_KEY)).toBe('Ann');
@@ -285,12 +286,12 @@ describe('with an account', () => {
     await start();
     expect(client.getSnapshot().token).toBe(B);
     server.answer('POST /v1/conversations', { status: 201, body: doc(C, null, '2026-11-23T13:00:00Z') });
-    server.answer('/token', { status: 200, body: doc(C, null, '2026-11-23T13:00:00Z') });
+    server.answer('POST /v1/conversations', { status: 201, body: doc(C, null, '2026-11-23T13:00:00Z') });
     await sidebar.newChat();
     expect(server.made('POST', '/v1/conversations')[0]).toMatchObject({ authorization: `Bearer ${KEY}`, body: { name: 'Ann' } });
     expect(localStorage.getItem(CONVERSATIONS_KEY)).toBeNull();
-    await sidebar.newChat('Bob'); // the start screen's way: POST /token, with the key
-    expect(server.made('POST', '/token')[0]).toMatchObject({ path: '/token?name=Bob', authorization: `Bearer ${KEY}` });
+    await sidebar.newChat('Bob'); // the start screen's name, with the key
+    expect(server.made('POST', '/v1/conversations')[1]).toMatchObject({ body: { name: 'Bob' }, authorization: `Bearer ${KEY}` });
     server.answer(`PATCH ${conv(B)}`, { status: 200, body: doc(B, 'New B', '2026-11-23T12:00:00Z') });
     await sidebar.rename(B, 'New B');
     expect(server.made('PATCH', conv(B))[0].authorization).toBe(`Bearer ${KEY}`);

@@ -278,25 +278,19 @@ export class Sidebar {
   }
 
   /**
-   * "New chat": `POST /v1/conversations` with the known name (and the key when there is one).
-   * With no name known the start screen asks for one; what it sends (`typed`) goes as typed to
-   * `POST /token`, which refuses a blank name in words ("Enter a valid name"), where the v1
-   * route would name it "Anonymous". Either way the key makes it the account's.
+   * "New chat": `POST /v1/conversations` (with the key when there is one) named `typed` (the
+   * start screen's, sent as typed: the server refuses a blank one in words) or else the known
+   * name. With no name known the start screen asks for one.
    */
   async newChat(typed?: string): Promise<void> {
     this.set({ drawerOpen: false });
-    const key = this.key;
-    let doc: SessionDocument | null;
-    if (typed !== undefined) {
-      doc = await this.chat.start(typed, key);
-    } else {
-      const name = this.knownName();
-      if (!name.trim()) {
-        this.chat.newChat();
-        return;
-      }
-      doc = await this.chat.begin(async () => asApiResult(await this.api.create(name, key)));
+    const name = typed ?? this.knownName();
+    if (typed === undefined && !name.trim()) {
+      this.chat.newChat();
+      return;
     }
+    const key = this.key;
+    const doc = await this.chat.begin(async () => asApiResult(await this.api.create(name, key)));
     if (!doc) return;
     this.write(NAME_KEY, doc.name);
     const item = fromDocument(doc);
