@@ -31,6 +31,8 @@ export default defineConfig({
       '/test': forward,
       '/healthz': forward,
       '/readyz': forward,
+      '/health': forward,
+      '/v1': forward,
       '/chat': { ...forward, ws: true },
     },
   },

@@ -10,8 +10,13 @@
 // event and every console message about the policy fails the run. A local HTTP server here
 // counts requests for the image a stored reply points to: the page must make none.
 //
+// The conversation sidebar: a second chat, switching between the two, renaming (here, and from
+// "another client" through the socket's `conversation` event), deleting with the
+// confirmation, reloading (the list survives), and the drawer at phone width.
+//
 // Environment: BASE_URL (the server), CHROMIUM (default /usr/bin/chromium),
-// SCREENSHOT (where to save the page), E2E_TIMEOUT_MS (per wait, default 90000).
+// SCREENSHOT (where to save the page), SIDEBAR_SCREENSHOT (the sidebar at desktop width),
+// E2E_TIMEOUT_MS (per wait, default 90000).
 
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -23,6 +28,9 @@ import { chromium } from 'playwright-core';
 const BASE_URL = process.env.BASE_URL;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = process.env.SCREENSHOT || '';
+const SIDEBAR_SCREENSHOT = process.env.SIDEBAR_SCREENSHOT || '';
+const PHONE = { width: 390, height: 760 };
+const DESKTOP = { width: 1100, height: 700 };
 const TIMEOUT = Number(process.env.E2E_TIMEOUT_MS || 90_000);
 if (!BASE_URL) throw new Error('BASE_URL is not set');
 
@@ -78,7 +86,7 @@ const userDir = mkdtempSync(join(tmpdir(), 'chat-e2e-chromium-'));
 const context = await chromium.launchPersistentContext(userDir, {
   executablePath: CHROMIUM,
   headless: true,
-  viewport: { width: 390, height: 760 },
+  viewport: PHONE,
   args: [
     '--headless',
     '--no-sandbox',
@@ -107,8 +115,207 @@ try {
 
   const log_ = page.getByRole('log', { name: 'Conversation' });
   const items = log_.locator('li.msg');
-  const status = page.getByRole('status').first();
+  const status = page.locator('.status[role="status"]');
   const box = page.getByLabel('Message');
+
+  const nav = page.getByRole('navigation', { name: 'Conversations' });
+  const toggle = page.getByRole('button', { name: 'Conversations' });
+  const rows = nav.locator('li.conv');
+  const current = nav.locator('button.pick[aria-current="page"]');
+  const heading = page.locator('.chat h1');
+
+  /** At phone width the list is a drawer: opened by the header's button. */
+  async function openDrawer() {
+    check(!(await nav.isVisible()), 'the drawer is closed');
+    await toggle.click();
+    await nav.waitFor({ state: 'visible' });
+    check((await toggle.getAttribute('aria-expanded')) === 'true', 'the toggle says the drawer is open');
+  }
+
+  async function stored() {
+    return page.evaluate(() => JSON.parse(localStorage.getItem('chat.conversations') || '[]'));
+  }
+
+  /** The conversation as the server has it, with its own token as the bearer. */
+  async function serverDoc(id) {
+    return page.evaluate(async (t) => {
+      const r = await fetch(`/v1/conversations/${t}`, { headers: { Authorization: `Bearer ${t}` } });
+      return { status: r.status, body: r.status === 200 ? await r.json() : null };
+    }, id);
+  }
+
+  /** Waits until `fn` returns true (polling the page's state). */
+  async function until(fn, what) {
+    const end = Date.now() + TIMEOUT;
+    while (!(await fn())) {
+      if (Date.now() > end) throw new Error(`timed out: ${what}`);
+      await page.waitForTimeout(100);
+    }
+  }
+
+  async function sidebarSteps(first) {
+    const firstDoc = await serverDoc(first);
+    check(firstDoc.status === 200, `the first chat is a conversation: ${firstDoc.status}`);
+    const firstTitle = firstDoc.body.title;
+    check(firstTitle === 'Tell me a short story about a cat.', `titled by its first message: ${firstTitle}`);
+
+    // The drawer: closed at phone width, opened by its button, closed by Escape.
+    await openDrawer();
+    check((await rows.count()) === 1, 'one conversation listed');
+    check((await current.innerText()).trim() === firstTitle, 'the current one is marked');
+    await page.keyboard.press('Escape');
+    await nav.waitFor({ state: 'hidden' });
+    check(await toggle.evaluate((el) => el === document.activeElement), 'the focus is back on the toggle');
+
+    // A second chat: "New chat" in the drawer; the drawer closes on it.
+    await openDrawer();
+    await nav.getByRole('button', { name: 'New chat' }).click();
+    await nav.waitFor({ state: 'hidden' });
+    await page.getByText('Say hello to start the conversation.').waitFor();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    const second = await page.evaluate(() => localStorage.getItem('chat.token'));
+    check(second && second !== first, 'a new conversation token');
+    const reply = await chat('What is a dog?', 2);
+    check(reply.length > 0, 'the second chat answers');
+    await heading.filter({ hasText: 'What is a dog?' }).waitFor();
+    check(JSON.stringify((await stored()).map((i) => i.id).sort()) === JSON.stringify([first, second].sort()), 'both tokens kept');
+    log('a second chat, titled by its first message');
+
+    // Switch back to the first: its history comes back on its own socket; the drawer closes.
+    await openDrawer();
+    check((await rows.count()) === 2, 'two conversations listed');
+    check((await current.innerText()).trim() === 'What is a dog?', 'the new one is current');
+    await nav.getByRole('button', { name: firstTitle, exact: true }).click();
+    await nav.waitFor({ state: 'hidden' });
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await until(async () => JSON.stringify(await shownIds()) === JSON.stringify(await historyIds(first)), 'the first chat shown');
+    check((await page.evaluate(() => localStorage.getItem('chat.token'))) === first, 'the first is current again');
+    log('switched back to the first chat: its history is shown');
+
+    // Rename the second from the list, with the keyboard.
+    await openDrawer();
+    await nav.getByRole('button', { name: 'Rename What is a dog?' }).click();
+    await page.keyboard.press('Control+A');
+    await page.keyboard.type('Dog questions');
+    await page.keyboard.press('Enter');
+    await nav.getByRole('button', { name: 'Dog questions', exact: true }).waitFor();
+    check((await serverDoc(second)).body.title === 'Dog questions', 'the server has the new title');
+
+    // Another client renames the first (shown): the socket's `conversation` event updates the
+    // header and the list.
+    const patched = await page.evaluate(async (t) => {
+      const r = await fetch(`/v1/conversations/${t}`, {
+        method: 'PATCH',
+        headers: { Authorization: `Bearer ${t}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ title: 'Cat stories' }),
+      });
+      return r.status;
+    }, first);
+    check(patched === 200, `PATCH from another client: ${patched}`);
+    await heading.filter({ hasText: 'Cat stories' }).waitFor();
+    await nav.getByRole('button', { name: 'Cat stories', exact: true }).waitFor();
+    check((await current.innerText()).trim() === 'Cat stories', 'the list shows the title from the event');
+    log('renamed here and from another client');
+
+    if (SIDEBAR_SCREENSHOT) {
+      await page.keyboard.press('Escape');
+      await page.setViewportSize(DESKTOP);
+      await nav.waitFor({ state: 'visible' });
+      check(!(await toggle.isVisible()), 'no drawer button at desktop width');
+      await page.screenshot({ path: SIDEBAR_SCREENSHOT });
+      await page.setViewportSize(PHONE);
+      await nav.waitFor({ state: 'hidden' });
+      log('sidebar screenshot saved to', SIDEBAR_SCREENSHOT);
+    } else {
+      await page.keyboard.press('Escape');
+    }
+
+    // Reload: both conversations and their titles are listed again, the first still current.
+    await page.reload();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByRole('button', { name: 'Dog questions', exact: true }).waitFor();
+    check((await rows.count()) === 2, 'both conversations after a reload');
+    check((await current.innerText()).trim() === 'Cat stories', 'the current one after a reload');
+
+    // Delete the second (choose it, then delete the current one): a confirmation first; the
+    // chat switches to the other one.
+    await nav.getByRole('button', { name: 'Dog questions', exact: true }).click();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await heading.filter({ hasText: 'Dog questions' }).waitFor();
+    await openDrawer();
+    await nav.getByRole('button', { name: 'Delete Dog questions' }).click();
+    const confirm = nav.getByRole('group', { name: 'Delete Dog questions?' });
+    await confirm.getByRole('button', { name: 'Keep' }).click();
+    check((await rows.count()) === 2, '"Keep" keeps it');
+    check((await serverDoc(second)).status === 200, 'still on the server');
+    await nav.getByRole('button', { name: 'Delete Dog questions' }).click();
+    await confirm.getByRole('button', { name: 'Delete' }).click();
+    await nav.getByRole('button', { name: 'Dog questions', exact: true }).waitFor({ state: 'detached' });
+    check((await serverDoc(second)).status === 404, 'deleted on the server');
+    await heading.filter({ hasText: 'Cat stories' }).waitFor();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await until(async () => JSON.stringify(await shownIds()) === JSON.stringify(await historyIds(first)), 'the first chat shown after the delete');
+    check((await page.evaluate(() => localStorage.getItem('chat.token'))) === first, 'the current chat is the other one');
+    check(JSON.stringify((await stored()).map((i) => i.id)) === JSON.stringify([first]), 'only the first token kept');
+    log('deleted the current chat after a confirmation; switched to the other');
+
+    // Reload again: the list survives with the one conversation left.
+    if (await nav.isVisible()) await page.keyboard.press('Escape');
+    await page.reload();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByRole('button', { name: 'Cat stories', exact: true }).waitFor();
+    check((await rows.count()) === 1, 'one conversation after the reload');
+    await nav.getByRole('button', { name: 'Cat stories', exact: true }).click();
+    await nav.waitFor({ state: 'hidden' });
+    log('the list survives a reload; the drawer closes on choosing');
+  }
+
+  async function accountSteps() {
+    await openDrawer();
+    await nav.getByText('Account (optional)').click();
+    await nav.getByLabel('Account name').fill('Carol');
+    await nav.getByLabel('Account name').press('Enter');
+    const apiKey = (await nav.getByTestId('api-key').innerText()).trim();
+    check(/^chat_[A-Za-z0-9_-]{43}$/.test(apiKey), `the key is shown: ${apiKey.slice(0, 8)}…`);
+    check((await page.evaluate(() => localStorage.getItem('chat.apiKey'))) === apiKey, 'the key is kept');
+    await nav.getByRole('button', { name: 'Done' }).click();
+    check((await nav.getByTestId('api-key').count()) === 0, 'the key is shown once');
+    await nav.getByText('Signed in as Carol').waitFor();
+    check((await rows.count()) === 0, 'a new account has no conversations');
+    await page.keyboard.press('Escape');
+
+    // The start screen's chat and a "New chat" both belong to the account.
+    await page.getByLabel('Your name').fill('Carol');
+    await page.getByLabel('Your name').press('Enter');
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByRole('button', { name: 'New chat' }).click();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    const listed = await page.evaluate(async (key) => {
+      const r = await fetch('/v1/conversations', { headers: { Authorization: `Bearer ${key}` } });
+      return (await r.json()).conversations.map((c) => c.conversation_id);
+    }, apiKey);
+    check(listed.length === 2, `the account has both conversations: ${listed}`);
+    const shownToken = await page.evaluate(() => localStorage.getItem('chat.token'));
+    check(listed[0] === shownToken, 'the newest first, and it is the one shown');
+
+    // Reload: the list comes from the server.
+    await page.reload();
+    await status.filter({ hasText: 'Connected' }).waitFor();
+    await openDrawer();
+    await nav.getByText('Signed in as Carol').waitFor();
+    await until(async () => (await rows.count()) === 2, 'the account list after a reload');
+    check((await page.evaluate(() => localStorage.getItem('chat.conversations'))) === '[]', 'account chats are not kept as anonymous tokens');
+
+    // Sign out: this browser's own list (empty by now) and the start screen.
+    await nav.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Your name').waitFor();
+    check((await page.evaluate(() => localStorage.getItem('chat.apiKey'))) === null, 'the key is forgotten');
+    check((await rows.count()) === 0, 'no anonymous conversation left');
+    log('account: key shown once, its chats listed from the server after a reload, sign out');
+  }
 
   /** Sends a message with the keyboard and waits for its reply to settle. */
   async function chat(text, expectedItems) {
@@ -241,6 +448,9 @@ try {
   check((await imageLinks.first().getAttribute('href')) === imageUrl, 'the link goes to the image');
   log('a reply with images: shown as links, nothing fetched');
 
+  // 5c. The sidebar: a second chat, switching, renaming, deleting, reloading, the drawer.
+  await sidebarSteps(token);
+
   // 6. The session expires while the page is open: the next message brings the start
   //    screen back with a clear message, and the token is forgotten.
   await ask('expire-session', { token });
@@ -260,6 +470,10 @@ try {
   await page.reload();
   await page.getByRole('alert').filter({ hasText: 'Your session expired' }).waitFor();
   log('expired session (reload) returns to the start screen');
+
+  // 8. With an account: register (the key is shown once), chats belong to it, the list is the
+  //    server's and survives a reload; signing out goes back to this browser's (empty) list.
+  await accountSteps();
 
   check(pageErrors.length === 0, `no errors in the page: ${pageErrors.join('; ')}`);
   check(violations.length === 0, `no CSP violations: ${violations.join('; ')}`);

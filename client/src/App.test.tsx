@@ -3,6 +3,8 @@ import userEvent from '@testing-library/user-event';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { App } from './App';
 import { TOKEN_KEY } from './chatClient';
+import { serialize } from './conversationList';
+import { CONVERSATIONS_KEY } from './sidebar';
 import { bot, FakeServer, flush, human, session, TOKEN } from './test/fakes';
 
 let server: FakeServer;
@@ -11,11 +13,18 @@ beforeEach(() => {
   server = new FakeServer();
 });
 
+function renderApp() {
+  const app = server.makeApp();
+  render(<App client={app.client} sidebar={app.sidebar} />);
+  return app;
+}
+
 async function openChat(messages = [human('h0', 'earlier'), bot('b0', 'h0', 'an **old** reply')]) {
   localStorage.setItem(TOKEN_KEY, TOKEN);
   server.always('/refresh_token', { status: 200, body: session(messages) });
+  server.always(`/v1/conversations/${TOKEN}`, { status: 200, body: session(messages) });
   const user = userEvent.setup();
-  render(<App client={server.makeClient()} />);
+  renderApp();
   await act(async () => {
     server.socket.open();
     await flush();
@@ -30,12 +39,12 @@ describe('start screen', () => {
   it("shows the server's error for an empty name, then starts the chat", async () => {
     const user = userEvent.setup();
     server.answer(
-      '/token',
+      'POST /v1/conversations',
       { status: 400, body: { detail: { loc: 'name', msg: 'Enter a valid name' } } },
-      { status: 200, body: session([], 'Ann') },
+      { status: 201, body: session([], 'Ann') },
     );
     server.always('/refresh_token', { status: 200, body: session([], 'Ann') });
-    render(<App client={server.makeClient()} />);
+    renderApp();
     await user.click(screen.getByRole('button', { name: 'Start chatting' }));
     expect(await screen.findByRole('alert')).toHaveTextContent('Enter a valid name');
 
@@ -106,7 +115,8 @@ describe('chat screen', () => {
     const rtl = 'שרה 42';
     localStorage.setItem(TOKEN_KEY, TOKEN);
     server.always('/refresh_token', { status: 200, body: session([], rtl) });
-    render(<App client={server.makeClient()} />);
+    server.always(`/v1/conversations/${TOKEN}`, { status: 200, body: session([], rtl) });
+    renderApp();
     await act(async () => {
       server.socket.open();
       await flush();
@@ -154,6 +164,13 @@ describe('chat screen', () => {
     expect(server.sockets).toHaveLength(2);
   });
 
+  it("shows a reply's tokens_used", async () => {
+    await openChat([]);
+    await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
+    await emit({ type: 'message', id: 'b1', reply_to: 'h1', source: 'bot', msg: 'a', timestamp: 'T', tokens_used: 30 });
+    expect(within(log()).getByText('30 tokens')).toHaveAttribute('title', 'Prompt plus reply, in model tokens');
+  });
+
   it('shows a queued notice under the message', async () => {
     await openChat([]);
     await emit({ type: 'ack', id: 'h1', msg: 'q', timestamp: 'T' });
@@ -161,10 +178,143 @@ describe('chat screen', () => {
     expect(screen.getByText(/your message is queued/)).toBeInTheDocument();
   });
 
-  it('"New chat" returns to the start screen', async () => {
+  it('"New chat" creates a conversation with the same name and shows it', async () => {
     const user = await openChat();
+    const other = '0b5bd3fa-7e0b-4a5e-9d3c-2f1e0c9a8b7d';
+    server.answer('POST /v1/conversations', { status: 201, body: session([], 'Ann', { token: other }) });
     await user.click(screen.getByRole('button', { name: 'New chat' }));
-    expect(screen.getByLabelText('Your name')).toBeInTheDocument();
-    expect(localStorage.getItem(TOKEN_KEY)).toBeNull();
+    await act(flush);
+    expect(server.made('POST', '/v1/conversations')[0].body).toEqual({ name: 'Ann' });
+    expect(localStorage.getItem(TOKEN_KEY)).toBe(other);
+    expect(server.socket.url).toBe(`ws://page.test/chat?token=${other}`);
+    expect(within(log()).queryAllByRole('listitem').map((li) => li.textContent)).toEqual([
+      'Say hello to start the conversation.',
+    ]);
+  });
+});
+
+describe('conversation sidebar', () => {
+  const OTHER = '0b5bd3fa-7e0b-4a5e-9d3c-2f1e0c9a8b7d';
+
+  async function twoChats() {
+    localStorage.setItem(
+      CONVERSATIONS_KEY,
+      serialize([
+        { id: TOKEN, title: 'Cats', updated: '2026-11-23T13:00:02Z' },
+        { id: OTHER, title: 'Dogs', updated: '2026-11-23T12:00:00Z' },
+      ]),
+    );
+    server.always(`/v1/conversations/${OTHER}`, {
+      status: 200,
+      body: session([human('d1', 'about dogs', '2026-11-23T12:00:00Z')], 'Ann', { token: OTHER, title: 'Dogs' }),
+    });
+    server.answer(`GET /v1/conversations/${TOKEN}`, { status: 200, body: session([], 'Ann', { title: 'Cats' }) });
+    return openChat();
+  }
+
+  const nav = () => screen.getByRole('navigation', { name: 'Conversations' });
+
+  it('lists the conversations, marks the current one, and switches on a click', async () => {
+    const user = await twoChats();
+    const cats = within(nav()).getByRole('button', { name: 'Cats' });
+    const dogs = within(nav()).getByRole('button', { name: 'Dogs' });
+    expect(cats).toHaveAttribute('aria-current', 'page');
+    expect(dogs).not.toHaveAttribute('aria-current');
+    expect(screen.getByRole('heading', { level: 1 })).toHaveTextContent('Cats');
+
+    server.answer('/refresh_token', {
+      status: 200,
+      body: session([human('d1', 'about dogs', '2026-11-23T12:00:00Z')], 'Ann', { token: OTHER, title: 'Dogs' }),
+    });
+    await user.click(dogs);
+    expect(server.socket.url).toBe(`ws://page.test/chat?token=${OTHER}`);
+    await act(async () => {
+      server.socket.open();
+      await flush();
+    });
+    expect(within(nav()).getByRole('button', { name: 'Dogs' })).toHaveAttribute('aria-current', 'page');
+    expect(within(log()).getByText('about dogs')).toBeInTheDocument();
+    expect(screen.getByRole('heading', { level: 1 })).toHaveTextContent('Dogs');
+  });
+
+  it('renames with the keyboard: Enter saves, Escape cancels', async () => {
+    const user = await twoChats();
+    await user.click(within(nav()).getByRole('button', { name: 'Rename Dogs' }));
+    const input = within(nav()).getByLabelText('New title for Dogs');
+    expect(input).toHaveFocus();
+    await user.keyboard('{Escape}');
+    expect(within(nav()).queryByLabelText('New title for Dogs')).toBeNull();
+    expect(within(nav()).getByRole('button', { name: 'Dogs' })).toHaveFocus();
+
+    await user.click(within(nav()).getByRole('button', { name: 'Rename Dogs' }));
+    server.answer(`PATCH /v1/conversations/${OTHER}`, { status: 200, body: session([], 'Ann', { token: OTHER, title: 'Puppies' }) });
+    await user.keyboard('Puppies{Enter}');
+    await act(flush);
+    expect(server.made('PATCH', `/v1/conversations/${OTHER}`)[0].body).toEqual({ title: 'Puppies' });
+    expect(within(nav()).getByRole('button', { name: 'Puppies' })).toBeInTheDocument();
+  });
+
+  it('asks before deleting; "Keep" keeps it, "Delete" deletes and shows another chat', async () => {
+    const user = await twoChats();
+    await user.click(within(nav()).getByRole('button', { name: 'Delete Cats' }));
+    const confirm = within(nav()).getByRole('group', { name: 'Delete Cats?' });
+    expect(within(confirm).getByRole('button', { name: 'Keep' })).toHaveFocus();
+    await user.keyboard('{Enter}');
+    expect(server.made('DELETE', `/v1/conversations/${TOKEN}`)).toHaveLength(0);
+    expect(within(nav()).getByRole('button', { name: 'Cats' })).toBeInTheDocument();
+
+    await user.click(within(nav()).getByRole('button', { name: 'Delete Cats' }));
+    server.answer(`DELETE /v1/conversations/${TOKEN}`, { status: 204 });
+    server.answer('/refresh_token', { status: 200, body: session([], 'Ann', { token: OTHER, title: 'Dogs' }) });
+    await user.click(within(nav()).getByRole('button', { name: 'Delete' }));
+    await act(flush);
+    expect(within(nav()).queryByRole('button', { name: 'Cats' })).toBeNull();
+    expect(server.socket.url).toBe(`ws://page.test/chat?token=${OTHER}`);
+    expect(within(nav()).getByRole('button', { name: 'Dogs' })).toHaveAttribute('aria-current', 'page');
+  });
+
+  it('the drawer button opens the list, Escape closes it and gives the focus back', async () => {
+    const user = await twoChats();
+    const toggle = screen.getByRole('button', { name: 'Conversations' });
+    expect(toggle).toHaveAttribute('aria-expanded', 'false');
+    expect(toggle).toHaveAttribute('aria-controls', nav().id);
+    await user.click(toggle);
+    expect(nav()).toHaveClass('open');
+    expect(toggle).toHaveAttribute('aria-expanded', 'true');
+    expect(screen.getByRole('button', { name: 'Close the conversation list' })).toHaveFocus();
+    expect(screen.getByRole('main', { hidden: true })).toHaveAttribute('inert');
+    await user.keyboard('{Escape}');
+    expect(screen.getByRole('main')).not.toHaveAttribute('inert');
+    expect(nav()).not.toHaveClass('open');
+    expect(toggle).toHaveFocus();
+
+    // Escape in a rename inside the drawer cancels the rename only.
+    await user.click(toggle);
+    await user.click(within(nav()).getByRole('button', { name: 'Rename Dogs' }));
+    await user.keyboard('{Escape}');
+    expect(within(nav()).queryByLabelText('New title for Dogs')).toBeNull();
+    expect(nav()).toHaveClass('open');
+    // Choosing a conversation closes it.
+    server.answer('/refresh_token', { status: 200, body: session([], 'Ann', { token: OTHER, title: 'Dogs' }) });
+    await user.click(within(nav()).getByRole('button', { name: 'Dogs' }));
+    expect(nav()).not.toHaveClass('open');
+  });
+
+  it('shows a registered key once, with a copy button', async () => {
+    const user = await twoChats();
+    const KEY = 'chat_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ';
+    server.answer('POST /v1/users', { status: 201, body: { user_id: 'u1', name: 'Ann', created: 'T', api_key: KEY } });
+    server.answer('GET /v1/users/me', { status: 200, body: { user_id: 'u1', name: 'Ann', created: 'T' } });
+    server.answer('GET /v1/conversations', { status: 200, body: { conversations: [], next_cursor: null } });
+    await user.click(screen.getByText('Account (optional)'));
+    await user.type(screen.getByLabelText('Account name'), 'Ann{Enter}');
+    await act(flush);
+    expect(screen.getByTestId('api-key')).toHaveTextContent(KEY);
+    await user.click(screen.getByRole('button', { name: 'Copy key' }));
+    expect(await navigator.clipboard.readText()).toBe(KEY);
+    expect(screen.getByText('Copied.')).toBeInTheDocument();
+    await user.click(screen.getByRole('button', { name: 'Done' }));
+    expect(screen.queryByTestId('api-key')).toBeNull();
+    expect(screen.getByText('Signed in as')).toBeInTheDocument();
   });
 });

@@ -1,6 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { EXPIRED_TEXT } from './api';
-import { type ChatClient, MIN_BACKOFF_MS, TOKEN_KEY, TOO_MANY_BACKOFF_MS } from './chatClient';
+import { type ChatClient, DELETED_TEXT, MIN_BACKOFF_MS, TOKEN_KEY, TOO_MANY_BACKOFF_MS } from './chatClient';
 import { bot, FakeServer, flush, human, session, TOKEN } from './test/fakes';
 
 let server: FakeServer;
@@ -277,5 +277,81 @@ describe('an expired session', () => {
     expect(view()).toMatchObject({ screen: 'start', startMessage: '' });
     expect(server.sockets[0].closedByClient).toBe(1000);
     expect(localStorage.getItem(TOKEN_KEY)).toBeNull();
+  });
+});
+
+describe('conversations', () => {
+  it('switches: closes the old socket, opens one for the chosen token, loads its history', async () => {
+    await startChat();
+    const first = server.socket;
+    const other = '0b5bd3fa-7e0b-4a5e-9d3c-2f1e0c9a8b7d';
+    server.answer('/refresh_token', { status: 200, body: session([human('x1', 'other chat')], 'Ann', { token: other, title: 'Other' }) });
+    client.open(other);
+    expect(first.closedByClient).toBe(1000);
+    expect(view()).toMatchObject({ screen: 'chat', token: other, chat: { entries: [] } });
+    expect(localStorage.getItem(TOKEN_KEY)).toBe(other);
+    expect(server.socket.url).toBe(`ws://page.test/chat?token=${other}`);
+    server.socket.open();
+    await flush();
+    expect(shown()).toEqual(['human:other chat:sent']);
+    expect(view().title).toBe('Other');
+    // Events of the old socket no longer reach the page.
+    first.emit({ type: 'ack', id: 'late', msg: 'late', timestamp: 'T' });
+    expect(shown()).toEqual(['human:other chat:sent']);
+  });
+
+  it('takes a title event, empties the history on reset, and tells the list', async () => {
+    const titled: string[] = [];
+    client.setHooks({ titled: (token, title) => titled.push(`${token}:${title}`) });
+    await startChat();
+    server.socket.emit({ type: 'conversation', change: 'title', title: 'Cats' });
+    expect(view().title).toBe('Cats');
+    expect(titled).toEqual([`${TOKEN}:Cats`]);
+    server.socket.emit({ type: 'conversation', change: 'reset' });
+    expect(view().chat.entries).toEqual([]);
+    expect(view().connection).toBe('open');
+    server.socket.emit({ type: 'conversation', change: 'bogus' });
+    expect(view().screen).toBe('chat');
+  });
+
+  it('on deleted: no reconnect and no probe, the list hears of it', async () => {
+    const deleted: string[] = [];
+    client.setHooks({ deleted: (token) => deleted.push(token) });
+    await startChat();
+    const calls = server.calls.length;
+    server.socket.emit({ type: 'conversation', change: 'deleted' });
+    server.socket.drop(1008, 'Conversation deleted');
+    await flush();
+    vi.advanceTimersByTime(60_000);
+    expect(deleted).toEqual([TOKEN]);
+    expect(view()).toMatchObject({ screen: 'start', startMessage: DELETED_TEXT, token: null });
+    expect(server.sockets).toHaveLength(1);
+    expect(server.calls).toHaveLength(calls);
+    expect(localStorage.getItem(TOKEN_KEY)).toBeNull();
+  });
+
+  it('keeps tokens_used of a final reply, live and from the history', async () => {
+    await startChat([human('h0', 'q'), bot('b0', 'h0', 'a', { tokens_used: 12 })]);
+    expect(view().chat.entries[1].tokensUsed).toBe(12);
+    server.socket.emit({ type: 'ack', id: 'h1', msg: 'q2', timestamp: 'T' });
+    server.socket.emit({ type: 'message', id: 'b1', reply_to: 'h1', source: 'bot', msg: 'a2', timestamp: 'T', tokens_used: 30 });
+    expect(view().chat.entries[3].tokensUsed).toBe(30);
+  });
+});
+
+describe('slash commands', () => {
+  it('a command is answered, never marked lost after a reconnect', async () => {
+    await startChat([]);
+    client.send('/help');
+    expect(server.socket.sentJson()).toEqual([{ type: 'message', msg: '/help', client_id: 'c1' }]);
+    server.socket.emit({ type: 'command', command: 'help', detail: 'Commands: /help, /reset', client_id: 'c1' });
+    expect(shown()).toEqual(['human:/help:command']);
+    expect(view().chat.entries[0].commandReply).toBe('Commands: /help, /reset');
+    server.answer('/refresh_token', { status: 200, body: session([]) });
+    server.socket.drop(1006);
+    vi.advanceTimersByTime(MIN_BACKOFF_MS);
+    server.socket.open();
+    await flush();
+    expect(shown()).toEqual(['human:/help:command']);
   });
 });

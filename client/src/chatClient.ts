@@ -2,10 +2,11 @@
 // backoff, the recovery order (socket first, then history merged by id), and what each
 // event and close code means. React reads it through subscribe/getSnapshot.
 
-import { createSession, EXPIRED_TEXT, refreshSession } from './api';
+import { type ApiResult, createSession, EXPIRED_TEXT, refreshSession } from './api';
 import {
   addLocal,
   applyAck,
+  applyCommand,
   applyFinal,
   applyNotice,
   applyReplyError,
@@ -24,8 +25,10 @@ import {
   CLOSE_TOO_BIG,
   CLOSE_TOO_SLOW,
   parseEvent,
+  type ConversationEvent,
   SEND_ERRORS,
   type ServerEvent,
+  type SessionDocument,
   type StoredMessage,
 } from './protocol';
 
@@ -35,10 +38,16 @@ export const MAX_BACKOFF_MS = 15_000;
 /** After `too_many_connections`: no tight loop; the user can also retry by hand. */
 export const TOO_MANY_BACKOFF_MS = 60_000;
 
+export const DELETED_TEXT = 'This conversation was deleted.';
+
 export type Connection = 'none' | 'connecting' | 'open' | 'waiting';
 
 export interface ChatView {
   screen: 'start' | 'chat';
+  /** The conversation shown (its session token), or null on the start screen. */
+  token: string | null;
+  /** Its title, from the session document or a `conversation` event; null before one is set. */
+  title: string | null;
   name: string;
   /** The start screen's message (the server's error, or why the session ended). */
   startMessage: string;
@@ -83,8 +92,28 @@ export interface ClientDeps {
 
 const OPEN = 1;
 
+/**
+ * What the conversation list needs to hear about the conversation shown: each is called with
+ * its token. The list keeps its titles and order in step with them, and when the shown
+ * conversation is deleted or expires it chooses what to show next.
+ */
+export interface ChatHooks {
+  /** The history was loaded (on every (re)connect): its title and last activity. */
+  loaded?(session: SessionDocument): void;
+  /** A message of this conversation was stored (ours or another tab's). */
+  active?(token: string, timestamp: string): void;
+  /** A `conversation` event `title` (PATCH or `/title`, maybe from another tab). */
+  titled?(token: string, title: string | null): void;
+  /** The conversation was deleted (a `conversation` event `deleted`). */
+  deleted?(token: string): void;
+  /** The conversation expired or no longer exists. */
+  expired?(token: string): void;
+}
+
 const initialView: ChatView = {
   screen: 'start',
+  token: null,
+  title: null,
   name: '',
   startMessage: '',
   starting: false,
@@ -111,8 +140,14 @@ export class ChatClient {
   /** Client ids sent on a socket that closed before their ack. */
   private lost = new Set<string>();
   private counter = 0;
+  private hooks: ChatHooks = {};
 
   constructor(private readonly deps: ClientDeps) {}
+
+  /** Who hears about the conversation shown (the conversation list). */
+  setHooks(hooks: ChatHooks): void {
+    this.hooks = hooks;
+  }
 
   // --- React glue -------------------------------------------------------------------------
 
@@ -145,26 +180,48 @@ export class ChatClient {
     }
     if (token) {
       this.token = token;
-      this.set({ screen: 'chat' });
+      this.set({ screen: 'chat', token });
       this.connect();
     }
   }
 
-  async start(name: string): Promise<void> {
+  /** Starts a session with `POST /token` (the tutorial's way in). */
+  start(name: string): Promise<SessionDocument | null> {
+    return this.begin(() => createSession(this.deps.fetch, this.deps.httpBase, name));
+  }
+
+  /**
+   * Creates a conversation with `create` and shows it; on failure the start screen shows
+   * why. Resolves to the new session, or null.
+   */
+  async begin(create: () => Promise<ApiResult>): Promise<SessionDocument | null> {
     this.set({ starting: true, startMessage: '' });
-    const result = await createSession(this.deps.fetch, this.deps.httpBase, name);
+    const result = await create();
     if (!result.ok) {
       this.set({ starting: false, startMessage: result.failure.message });
-      return;
+      return null;
     }
+    this.set({ starting: false });
+    this.open(result.session.token, result.session);
+    return result.session;
+  }
+
+  /**
+   * Shows the conversation `token` (switching from any other): its socket is opened, then its
+   * history loaded. `known` (a document already fetched) is shown until then.
+   */
+  open(token: string, known?: SessionDocument): void {
+    if (token === this.token && !known) return;
     this.reset();
-    this.token = result.session.token;
-    this.saveToken(this.token);
+    this.token = token;
+    this.saveToken(token);
     this.set({
       screen: 'chat',
-      starting: false,
-      name: result.session.name,
-      chat: mergeHistory(emptyState, result.session.messages),
+      token,
+      title: known?.title ?? null,
+      name: known?.name ?? '',
+      startMessage: '',
+      chat: known ? mergeHistory(emptyState, known.messages) : emptyState,
     });
     this.connect();
   }
@@ -182,8 +239,34 @@ export class ChatClient {
   }
 
   private expire(): void {
+    const token = this.token;
     this.reset();
     this.set({ screen: 'start', startMessage: EXPIRED_TEXT });
+    if (token) this.hooks.expired?.(token);
+  }
+
+  /** The conversation shown was deleted (here or in another tab): the list picks what next. */
+  private deleted(): void {
+    const token = this.token;
+    this.reset();
+    this.set({ screen: 'start', startMessage: DELETED_TEXT });
+    if (token) this.hooks.deleted?.(token);
+  }
+
+  private onConversation(event: ConversationEvent): void {
+    const token = this.token;
+    if (!token) return;
+    if (event.change === 'title') {
+      this.set({ title: event.title ?? null });
+      this.hooks.titled?.(token, event.title ?? null);
+    } else if (event.change === 'reset') {
+      // The history was emptied: nothing shown so far is in it any more.
+      this.unacked.clear();
+      this.lost.clear();
+      this.set({ chat: emptyState });
+    } else {
+      this.deleted();
+    }
   }
 
   private reset(): void {
@@ -194,7 +277,15 @@ export class ChatClient {
     this.backoff = MIN_BACKOFF_MS;
     this.unacked.clear();
     this.lost.clear();
-    this.set({ name: '', chat: emptyState, banner: null, connection: 'none', status: '' });
+    this.set({
+      token: null,
+      title: null,
+      name: '',
+      chat: emptyState,
+      banner: null,
+      connection: 'none',
+      status: '',
+    });
   }
 
   private saveToken(token: string | null): void {
@@ -353,7 +444,8 @@ export class ChatClient {
       if (result.ok) {
         this.backoff = MIN_BACKOFF_MS;
         this.mergeStored(result.session.messages);
-        this.set({ name: result.session.name });
+        this.set({ name: result.session.name, title: result.session.title ?? null });
+        this.hooks.loaded?.(result.session);
         return;
       }
       if (result.failure.kind === 'expired') {
@@ -390,6 +482,7 @@ export class ChatClient {
       case 'ack':
         if (event.client_id !== undefined) this.unacked.delete(event.client_id);
         this.setChat((chat) => applyAck(chat, event));
+        if (this.token) this.hooks.active?.(this.token, event.timestamp);
         return;
       case 'token':
         this.setChat((chat) => applyToken(chat, event));
@@ -399,6 +492,14 @@ export class ChatClient {
         return;
       case 'notice':
         this.setChat((chat) => applyNotice(chat, event));
+        return;
+      case 'conversation':
+        this.onConversation(event);
+        return;
+      case 'command':
+        // Never acknowledged: the answer is the confirmation.
+        if (event.client_id !== undefined) this.unacked.delete(event.client_id);
+        this.setChat((chat) => applyCommand(chat, event));
         return;
       case 'error':
         break;

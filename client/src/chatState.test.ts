@@ -3,6 +3,7 @@ import {
   activity,
   addLocal,
   applyAck,
+  applyCommand,
   applyFinal,
   applyNotice,
   applyReplyError,
@@ -208,5 +209,31 @@ describe('notices and activity', () => {
     expect(activity(s)).toEqual({ generating: true, typing: false });
     s = applyFinal(s, final('b1', 'h1', 'x'));
     expect(activity(s)).toEqual({ generating: false, typing: false });
+  });
+});
+
+describe('slash commands', () => {
+  const local = (state: ChatState, id: string, text: string) => addLocal(state, id, text, 'T');
+
+  it('answers our command named by client_id; it is not waiting for a reply', () => {
+    let state = local(local(emptyState, 'c1', '/help'), 'c2', '/title Cats');
+    state = applyCommand(state, { type: 'command', command: 'title', detail: "Title set to 'Cats'", client_id: 'c2' });
+    expect(state.entries.map((e) => `${e.text}:${e.status}:${e.commandReply ?? ''}`)).toEqual([
+      '/help:sending:',
+      "/title Cats:command:Title set to 'Cats'",
+    ]);
+    state = applyCommand(state, { type: 'command', command: 'help', detail: 'Commands: /help …', client_id: 'c1' });
+    expect(activity(state)).toEqual({ generating: false, typing: false });
+  });
+
+  it('without a client_id, answers our oldest unacknowledged /…, never a //… message', () => {
+    let state = local(local(emptyState, 'c1', '//literal'), 'c2', '/help');
+    state = applyCommand(state, { type: 'command', command: 'help', detail: 'Commands' });
+    expect(state.entries.map((e) => e.status)).toEqual(['sending', 'command']);
+  });
+
+  it('adds the command when nothing is left to answer (a /reset emptied the conversation)', () => {
+    const state = applyCommand(emptyState, { type: 'command', command: 'reset', detail: 'History cleared', client_id: 'c9' });
+    expect(state.entries).toMatchObject([{ text: '/reset', status: 'command', commandReply: 'History cleared', source: 'human' }]);
   });
 });

@@ -3,6 +3,7 @@
 
 import type {
   AckEvent,
+  CommandEvent,
   ErrorEvent,
   MessageEvent,
   NoticeEvent,
@@ -18,7 +19,8 @@ export type EntryStatus =
   | 'streaming' // a reply being generated (token events)
   | 'done' // a final reply
   | 'stopped' // a final reply cut by a stop
-  | 'error'; // a final error answer
+  | 'error' // a final error answer
+  | 'command'; // ours, a slash command the server answered (never stored)
 
 export interface Entry {
   /** Stable key for rendering: the client id of our own messages, else the server id. */
@@ -33,6 +35,10 @@ export interface Entry {
   error?: { code: string; detail: string };
   /** Why our message was not stored. */
   failReason?: string;
+  /** A slash command's answer. */
+  commandReply?: string;
+  /** A final reply: prompt plus completion tokens, when the server counted them. */
+  tokensUsed?: number;
 }
 
 export interface ChatState {
@@ -143,6 +149,7 @@ export function applyFinal(state: ChatState, ev: MessageEvent): ChatState {
     timestamp: ev.timestamp,
     replyTo: ev.reply_to,
     status: ev.stopped === true ? 'stopped' : 'done',
+    tokensUsed: ev.tokens_used,
   };
   const next = index >= 0 ? replace(state, index, entry) : append(state, entry);
   return withoutNotice(next, ev.reply_to);
@@ -205,6 +212,33 @@ export function failLost(state: ChatState, clientIds: ReadonlySet<string>, reaso
   };
 }
 
+/**
+ * A slash command's answer: our message that was the command (named by `client_id`, else our
+ * oldest unacknowledged `/…`) shows it; with none left (a `/reset` already emptied the
+ * conversation) the command and its answer are added.
+ */
+export function applyCommand(state: ChatState, ev: CommandEvent): ChatState {
+  const isCommand = (e: Entry): boolean =>
+    e.status === 'sending' &&
+    (ev.client_id !== undefined
+      ? e.clientId === ev.client_id
+      : e.text.startsWith('/') && !e.text.startsWith('//'));
+  const index = state.entries.findIndex(isCommand);
+  if (index >= 0) {
+    return replace(state, index, { ...state.entries[index], status: 'command', commandReply: ev.detail });
+  }
+  const key = `command-${ev.client_id ?? state.entries.length}`;
+  return append(state, {
+    key,
+    clientId: ev.client_id,
+    source: 'human',
+    text: `/${ev.command}`,
+    timestamp: new Date().toISOString(),
+    status: 'command',
+    commandReply: ev.detail,
+  });
+}
+
 /** Takes one of our failed messages out of the conversation (to send it again). */
 export function removeEntry(state: ChatState, key: string): ChatState {
   return { ...state, entries: state.entries.filter((e) => e.key !== key) };
@@ -232,6 +266,7 @@ function fromStored(m: StoredMessage, key: string): Entry {
     replyTo: m.reply_to,
     status: m.error ? 'error' : m.stopped === true ? 'stopped' : 'done',
     error: m.error,
+    tokensUsed: m.tokens_used,
   };
 }
 

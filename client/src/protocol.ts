@@ -17,13 +17,20 @@ export interface StoredMessage {
   reply_to?: string;
   stopped?: boolean;
   error?: ReplyError;
+  /** Bot replies: prompt plus completion tokens. */
+  tokens_used?: number;
 }
 
+/** A session, which is also a conversation (API v1): its id is the token. */
 export interface SessionDocument {
   token: string;
   name: string;
   session_start: string;
   messages: StoredMessage[];
+  /** Set from the first message unless the user set one. */
+  title?: string | null;
+  /** The owning account; absent for an anonymous conversation. */
+  user_id?: string | null;
 }
 
 export interface AckEvent {
@@ -49,6 +56,7 @@ export interface MessageEvent {
   msg: string;
   timestamp: string;
   stopped?: boolean;
+  tokens_used?: number;
 }
 
 export interface ErrorEvent {
@@ -68,7 +76,33 @@ export interface NoticeEvent {
   reply_to?: string;
 }
 
-export type ServerEvent = AckEvent | TokenEvent | MessageEvent | ErrorEvent | NoticeEvent;
+/** A change to the conversation itself (API or slash command), sent to all its sockets. */
+export interface ConversationEvent {
+  type: 'conversation';
+  change: 'title' | 'reset' | 'deleted';
+  title?: string | null;
+}
+
+/** The answer to a slash command (`/help`, `/title …`), to the sending socket only. */
+export interface CommandEvent {
+  type: 'command';
+  command: string;
+  detail: string;
+  title?: string | null;
+  /** The `message` command's own, when it had one. */
+  client_id?: string;
+}
+
+export type ServerEvent =
+  | CommandEvent
+  | AckEvent
+  | TokenEvent
+  | MessageEvent
+  | ErrorEvent
+  | NoticeEvent
+  | ConversationEvent;
+
+const CHANGES = new Set(['title', 'reset', 'deleted']);
 
 /** Notice codes the page knows; any other notice is ignored, as the protocol asks. */
 export const KNOWN_NOTICES = new Set(['queued']);
@@ -114,6 +148,12 @@ export function parseEvent(data: unknown): ServerEvent | null {
       return isString(e.code) ? ({ detail: '', ...e } as unknown as ErrorEvent) : null;
     case 'notice':
       return isString(e.code) ? ({ detail: '', ...e } as unknown as NoticeEvent) : null;
+    case 'command':
+      return isString(e.command) ? ({ detail: '', ...e } as unknown as CommandEvent) : null;
+    case 'conversation':
+      return isString(e.change) && CHANGES.has(e.change) && (e.title == null || isString(e.title))
+        ? (e as unknown as ConversationEvent)
+        : null;
     default:
       return null;
   }

@@ -2,10 +2,11 @@
 
 Real processes only: the session's embedded Redis, `python -m server` serving the built page
 (client/dist) and `python -m worker` with the local model. The browser side is
-client/e2e/chat.e2e.mjs (playwright-core driving Debian's chromium); it asks this harness,
-one line at a time, to kill the server, start it again on the same port, expire the
-session, or store a chosen bot reply (the local model cannot be asked for an exact text), and
-says `done` when every step has passed. The page is served with the server's
+client/e2e/chat.e2e.mjs (playwright-core driving Debian's chromium), which also covers the
+conversation sidebar (two chats, switching, renaming, deleting, reloading, the phone drawer).
+It asks this harness, one line at a time, to kill the server, start it again on the same port,
+expire the session, or store a chosen bot reply (the local model cannot be asked for an exact
+text), and says `done` when every step has passed. The page is served with the server's
 Content-Security-Policy; the script fails on any CSP violation.
 """
 
@@ -36,6 +37,9 @@ BASIC_SCRIPT = CLIENT / "e2e" / "basic.e2e.mjs"
 # Where the page's screenshot goes; `E2E_SCREENSHOT=docs/chat-page.png make e2e` refreshes the
 # one in the docs (by default it goes to the test's temporary directory).
 SCREENSHOT_ENV = "E2E_SCREENSHOT"
+# The conversation sidebar at desktop width, for the README:
+# `E2E_SIDEBAR_SCREENSHOT=docs/sidebar.png make e2e`.
+SIDEBAR_SCREENSHOT_ENV = "E2E_SIDEBAR_SCREENSHOT"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # The whole browser run; each wait inside it has its own limit (E2E_TIMEOUT_MS).
 RUN_TIMEOUT = 420.0
@@ -146,11 +150,14 @@ def _read_line(process: subprocess.Popen[str], deadline: float) -> str:
 def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
     stderr_path = tmp_path / "browser.log"
     screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "chat-page.png").resolve()
+    sidebar_env = os.environ.get(SIDEBAR_SCREENSHOT_ENV)
+    sidebar_shot = Path(sidebar_env or tmp_path / "sidebar.png").resolve()
     env = {
         **os.environ,
         "BASE_URL": harness.server.url,
         "CHROMIUM": CHROMIUM,
         "SCREENSHOT": str(screenshot),
+        "SIDEBAR_SCREENSHOT": str(sidebar_shot),
     }
     done = False
     with stderr_path.open("w") as stderr:
@@ -198,6 +205,7 @@ def test_chat_page_in_a_real_browser(harness: Harness, tmp_path: Path) -> None:
     assert code == 0 and done, f"browser script failed ({code}):\n{report}\n{harness.logs()}"
     assert harness.restarts == 1
     assert screenshot.is_file()
+    assert sidebar_shot.is_file()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-import { useEffect, useMemo, useRef } from 'react';
+import { type ReactNode, useEffect, useMemo, useRef } from 'react';
 import type { ChatClient, ChatView } from '../chatClient';
 import { activity, arrange } from '../chatState';
 import { Composer } from './Composer';
@@ -7,9 +7,13 @@ import { MessageItem } from './MessageItem';
 interface Props {
   view: ChatView;
   client: ChatClient;
+  /** The conversation's title, as the list shows it. */
+  title: string;
+  /** Opens the conversation list on a phone-width screen. */
+  drawerButton: ReactNode;
 }
 
-export function ChatScreen({ view, client }: Props) {
+export function ChatScreen({ view, client, title, drawerButton }: Props) {
   const { chat } = view;
   const entries = useMemo(() => arrange(chat.entries), [chat.entries]);
   const { generating, typing } = useMemo(() => activity(chat), [chat]);
@@ -27,16 +31,17 @@ export function ChatScreen({ view, client }: Props) {
   return (
     <section className="chat" aria-label="Chat">
       <header className="bar">
-        <span className="who">
-          {/* <bdi>: a right-to-left name must not reorder the words around it. */}
-          Chatting as{' '}
-          <strong>
-            <bdi>{view.name || '…'}</bdi>
-          </strong>
-        </span>
-        <button type="button" onClick={() => client.newChat()}>
-          New chat
-        </button>
+        {drawerButton}
+        <div className="heading">
+          <h1 className="title">{title}</h1>
+          <span className="who">
+            {/* <bdi>: a right-to-left name must not reorder the words around it. */}
+            Chatting as{' '}
+            <strong>
+              <bdi>{view.name || '…'}</bdi>
+            </strong>
+          </span>
+        </div>
       </header>
       <div className={`status ${view.connection}`} role="status" aria-live="polite">
         <span>{view.status}</span>

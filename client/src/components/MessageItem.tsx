@@ -47,6 +47,11 @@ export function MessageItem({ entry, notice, onResend }: Props) {
           <p className="plain">{entry.text}</p>
         )}
       </div>
+      {entry.status === 'command' && (
+        <p className="command-reply" role="status">
+          {entry.commandReply}
+        </p>
+      )}
       {entry.status === 'failed' && (
         <div className="failed-note" role="alert">
           <span>{entry.failReason ?? 'Not sent.'}</span>
@@ -69,6 +74,11 @@ export function MessageItem({ entry, notice, onResend }: Props) {
           </time>
         )}
         {note && <span className="note">{note}</span>}
+        {entry.tokensUsed !== undefined && (
+          <span className="tokens" title="Prompt plus reply, in model tokens">
+            {entry.tokensUsed} tokens
+          </span>
+        )}
       </div>
     </li>
   );

@@ -3,12 +3,14 @@ import { type FormEvent, useId, useState } from 'react';
 interface Props {
   message: string;
   busy: boolean;
+  /** The name last used here (or the account's). */
+  initialName?: string;
   onStart: (name: string) => void;
 }
 
 /** Asks for a name; the server decides what is valid and its error is shown as is. */
-export function StartScreen({ message, busy, onStart }: Props) {
-  const [name, setName] = useState('');
+export function StartScreen({ message, busy, initialName = '', onStart }: Props) {
+  const [name, setName] = useState(initialName);
   const inputId = useId();
   const messageId = useId();
 

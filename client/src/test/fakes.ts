@@ -2,6 +2,8 @@
 
 import { vi } from 'vitest';
 import { ChatClient, type SocketLike } from '../chatClient';
+import { ConversationsApi } from '../conversationsApi';
+import { Sidebar } from '../sidebar';
 import type { SessionDocument, StoredMessage } from '../protocol';
 
 export class FakeSocket implements SocketLike {
@@ -47,10 +49,22 @@ export class FakeSocket implements SocketLike {
 
 type Reply = { status: number; body?: unknown; headers?: Record<string, string> } | 'network';
 
-/** A fetch whose answers the test queues per path (`/token`, `/refresh_token`). */
+export interface SeenRequest {
+  method: string;
+  path: string;
+  /** The `Authorization` header, if any. */
+  authorization: string | null;
+  body: unknown;
+}
+
+/**
+ * A fetch whose answers the test queues per path (`/token`, `/refresh_token`), or per method
+ * and path (`DELETE /v1/conversations/x`), which is looked up first.
+ */
 export class FakeServer {
   sockets: FakeSocket[] = [];
   calls: string[] = [];
+  requests: SeenRequest[] = [];
   private replies = new Map<string, Reply[]>();
   private fallback = new Map<string, Reply>();
 
@@ -65,10 +79,17 @@ export class FakeServer {
 
   fetch = vi.fn(async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
     const url = new URL(String(input), 'http://page.test');
-    this.calls.push(`${init?.method ?? 'GET'} ${url.pathname}${url.search}`);
-    const queue = this.replies.get(url.pathname) ?? [];
-    const reply = queue.shift() ?? this.fallback.get(url.pathname);
-    if (!reply) throw new Error(`no answer queued for ${url.pathname}`);
+    const method = init?.method ?? 'GET';
+    this.calls.push(`${method} ${url.pathname}${url.search}`);
+    const headers = new Headers(init?.headers);
+    this.requests.push({
+      method,
+      path: `${url.pathname}${url.search}`,
+      authorization: headers.get('Authorization'),
+      body: typeof init?.body === 'string' ? (JSON.parse(init.body) as unknown) : undefined,
+    });
+    const reply = this.next(`${method} ${url.pathname}`) ?? this.next(url.pathname);
+    if (!reply) throw new Error(`no answer queued for ${method} ${url.pathname}`);
     if (reply === 'network') throw new TypeError('Failed to fetch');
     // A minimal Response: settles in microtasks only, so fake timers stay in control.
     const { status, body } = reply;
@@ -82,6 +103,10 @@ export class FakeServer {
       },
     } as unknown as Response;
   });
+
+  private next(key: string): Reply | undefined {
+    return this.replies.get(key)?.shift() ?? this.fallback.get(key);
+  }
 
   get socket(): FakeSocket {
     const last = this.sockets[this.sockets.length - 1];
@@ -104,12 +129,28 @@ export class FakeServer {
       newClientId: () => `c${++n}`,
     });
   }
+
+  /** The chat client and the conversation list beside it, as the page wires them. */
+  makeApp(storage: Storage = window.localStorage): { client: ChatClient; sidebar: Sidebar } {
+    const client = this.makeClient(storage);
+    const api = new ConversationsApi(this.fetch as unknown as typeof fetch, '');
+    return { client, sidebar: new Sidebar(client, api, storage) };
+  }
+
+  /** The requests made to `method path` (path without the query). */
+  made(method: string, path: string): SeenRequest[] {
+    return this.requests.filter((r) => r.method === method && r.path.split('?')[0] === path);
+  }
 }
 
 export const TOKEN = '69a68d0c-1547-41ee-8b49-8e56d609ca33';
 
-export function session(messages: StoredMessage[] = [], name = 'Ann'): SessionDocument {
-  return { token: TOKEN, name, session_start: '2026-11-23T13:00:00.000000Z', messages };
+export function session(
+  messages: StoredMessage[] = [],
+  name = 'Ann',
+  extra: Partial<SessionDocument> = {},
+): SessionDocument {
+  return { token: TOKEN, name, session_start: '2026-11-23T13:00:00.000000Z', messages, ...extra };
 }
 
 export const human = (id: string, msg: string, ts = '2026-11-23T13:00:01.000000Z'): StoredMessage => ({
