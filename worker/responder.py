@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -51,6 +51,11 @@ class Turn:
     messages: Sequence[Message]
     lease: SessionLease
     stop: asyncio.Event
+    # The request-stream entry this turn's stored reply finishes (the entry's last turn), or
+    # None; see SessionStore.add_reply.
+    finish: str | None = None
+    # This message's generation attempts, counted as its turn was read; None: not yet counted.
+    attempts: int | None = None
 
 
 # What a generation came to.
@@ -181,7 +186,9 @@ class Responder:
         if signal is not None:
             signal.set()
 
-    async def answer_through(self, token: str, message_id: str, lease: SessionLease) -> None:
+    async def answer_through(
+        self, token: str, message_id: str, lease: SessionLease, entry_id: str | None = None
+    ) -> bool:
         """Answer the session's unanswered messages up to and including `message_id`.
 
         Oldest first: if an earlier message is still unanswered (its worker died and it has not
@@ -191,32 +198,64 @@ class Responder:
         A message whose generation was cut short by a dying worker WORKER_MAX_DELIVERIES
         times gets an error reply instead of one more attempt that may kill this worker too
         (see `SessionStore.begin_attempt`).
+
+        `entry_id`: the request-stream entry of `message_id`. Returns True when storing the
+        reply to `message_id` also released the lease and finished that entry (one round
+        trip); False when the caller still has both to do.
         """
         while True:
             # Listen first, then look: a stop arriving between the two is not missed.
             stop = asyncio.Event()
             self.stop_signals[token] = stop
             try:
-                turn = await self._next_turn(token, message_id, lease, stop)
+                turn = await self._next_turn(token, message_id, lease, stop, entry_id)
                 if turn is None:
-                    return
+                    return False
                 await self._answer(turn)
             finally:
                 if self.stop_signals.get(token) is stop:
                     del self.stop_signals[token]
             if turn.human.id == message_id:
                 # The target was the last one due: no need to read the history again.
-                return
+                return turn.finish is not None
 
     async def _next_turn(
-        self, token: str, message_id: str, lease: SessionLease, stop: asyncio.Event
+        self,
+        token: str,
+        message_id: str,
+        lease: SessionLease,
+        stop: asyncio.Event,
+        entry_id: str | None,
     ) -> Turn | None:
         """The oldest unanswered message up to `message_id`, read from the newest messages
-        only (the whole history only when `message_id` is older than those)."""
-        recent = await self._store.recent_messages(token, self._window)
-        if recent is not None and not recent.complete and not _holds(recent, message_id):
-            messages, stopped_at = await self._store.messages_and_stop(token)
-            recent = None if messages is None else Recent(messages, stopped_at, complete=True)
+        only (the whole history only when `message_id` is older than those). The read counts
+        an attempt for `message_id`, the message due in all but rare cases; when another one
+        is due, or none, the count is taken back."""
+        recent = await self._store.recent_messages(token, self._window, attempt=message_id)
+        attempts = recent.attempts if recent is not None else None
+        try:
+            if recent is not None and not recent.complete and not _holds(recent, message_id):
+                messages, stopped_at = await self._store.messages_and_stop(token)
+                recent = None if messages is None else Recent(messages, stopped_at, complete=True)
+        except (RedisError, OSError, asyncio.CancelledError):
+            if attempts is not None:  # not a dying worker's attempt (see `_answer`)
+                await self._store.take_back_attempt(message_id)
+            raise
+        turn = self._turn_from(token, message_id, lease, stop, recent)
+        if turn is not None and turn.human.id == message_id:
+            return replace(turn, finish=entry_id, attempts=attempts)
+        if attempts is not None:
+            await self._store.take_back_attempt(message_id)
+        return turn
+
+    def _turn_from(
+        self,
+        token: str,
+        message_id: str,
+        lease: SessionLease,
+        stop: asyncio.Event,
+        recent: Recent | None,
+    ) -> Turn | None:
         if recent is None:
             logger.info("session %s is gone; nothing to answer", short(token))
             return None
@@ -247,7 +286,10 @@ class Responder:
 
     async def _answer(self, turn: Turn) -> None:
         # Storing the answer (add_reply.lua) deletes the count; see SessionStore.begin_attempt.
-        if await self._store.begin_attempt(turn.human.id) > self._settings.worker_max_deliveries:
+        attempts = turn.attempts
+        if attempts is None:
+            attempts = await self._store.begin_attempt(turn.human.id)
+        if attempts > self._settings.worker_max_deliveries:
             await self._give_up(turn)
             return
         try:
@@ -292,7 +334,7 @@ class Responder:
 
     async def _store_reply(self, turn: Turn, reply: Message) -> None:
         stored = await self._store.add_reply(
-            turn.token, reply, reply_event(reply), turn.lease.owner
+            turn.token, reply, reply_event(reply), turn.lease.owner, finish=turn.finish
         )
         if stored is ReplyOutcome.LEASE_LOST:
             raise LeaseLost(turn.token)
