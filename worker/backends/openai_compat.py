@@ -1,12 +1,12 @@
 """Chat completions from any OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama, the
-Hugging Face router), over one shared `httpx.AsyncClient` (HTTP keep-alive), with the
-server-sent events parsed here.
+Hugging Face router), over a few shared `httpx.AsyncClient`s (HTTP keep-alive; see POOLS),
+with the server-sent events parsed here.
 
 Not the official `openai` client: its per-request work (building the request through its
 option models, its connection-pool bookkeeping, a pydantic object per streamed chunk) was
 about 45% of the worker's CPU with a fast model (docs/benchmarks.md, issue 12). The request
-is a plain JSON POST and each event is one `json.loads`; the stream ends at `data: [DONE]`
-or when the server closes it.
+is a plain JSON POST and each event is one `json.loads`; the reply ends at `data: [DONE]`
+(the body is still read to its end, so the connection goes back to the pool).
 
 Retries are the worker's (`stream_with_retries`): a 503 "model is loading" waits for the
 `estimated_time` it names and every retry stays inside MODEL_TIMEOUT_SECONDS. Errors map as
@@ -17,6 +17,8 @@ stream to a `ModelError`.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -38,8 +40,13 @@ from worker.prompt import chat_turns
 logger = logging.getLogger(__name__)
 
 # Connections to the model server: a remote API serves hundreds of generations at once per
-# worker (ModelBackend.default_concurrency), each on its own kept-alive connection.
-POOL = httpx.Limits(max_connections=1000, max_keepalive_connections=512)
+# worker (ModelBackend.default_concurrency), each on its own kept-alive connection. They are
+# spread over POOLS clients, taken in turn: httpcore's pool scans every connection it holds
+# (a readability check each) on every request and every response closed, so one pool of 50
+# connections cost 22% of the worker's CPU at 170 replies/s (py-spy, docs/benchmarks.md);
+# POOLS pools of a sixteenth each scan a sixteenth as much.
+POOLS = 16
+POOL = httpx.Limits(max_connections=64, max_keepalive_connections=32)
 
 
 class ChatCompletionsBackend(ModelBackend):
@@ -50,18 +57,19 @@ class ChatCompletionsBackend(ModelBackend):
         self._model = model
         self._what = f"the model server at {base_url}"
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._client = httpx.AsyncClient(
-            headers={
-                # Local servers (vLLM, llama.cpp, Ollama) take any key.
-                "Authorization": f"Bearer {api_key or 'not-needed'}",
-                "Accept": "text/event-stream",
-            },
-            timeout=settings.model_timeout_seconds,
-            limits=POOL,
-        )
+        headers = {
+            # Local servers (vLLM, llama.cpp, Ollama) take any key.
+            "Authorization": f"Bearer {api_key or 'not-needed'}",
+            "Accept": "text/event-stream",
+        }
+        self._clients = [
+            httpx.AsyncClient(headers=headers, timeout=settings.model_timeout_seconds, limits=POOL)
+            for _ in range(POOLS)
+        ]
+        self._turn = itertools.count()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await asyncio.gather(*(client.aclose() for client in self._clients))
 
     def stream_reply(self, history: Sequence[Message]) -> AsyncIterator[str]:
         turns = chat_turns(history, self._settings.system_prompt)
@@ -87,14 +95,18 @@ class ChatCompletionsBackend(ModelBackend):
             "temperature": self._settings.model_temperature,
         }
         try:
-            async with self._client.stream("POST", self._url, json=body) as response:
+            client = self._clients[next(self._turn) % POOLS]
+            async with client.stream("POST", self._url, json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise http_failure(response.status_code, _body(response), response.headers)
+                done = False
                 async for data in sse_data(response.aiter_bytes()):
-                    if data == b"[DONE]":
-                        return
-                    yield _chunk(data)
+                    # Read on after [DONE] to the body's end, as the SDK does: a response
+                    # closed unread takes its connection with it (no keep-alive).
+                    done = done or data == b"[DONE]"
+                    if not done:
+                        yield _chunk(data)
         except httpx.TimeoutException as exc:
             raise TransientModelError("Request timed out.") from exc
         except httpx.TransportError as exc:  # refused, reset, cut mid-stream, bad HTTP
