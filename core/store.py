@@ -287,6 +287,7 @@ class SessionStore:
         lease_owner: str,
         *,
         finish: str | None = None,
+        delta: DeltaEvent | None = None,
     ) -> ReplyOutcome:
         """Append a bot reply unless one exists already, and only while holding the lease.
 
@@ -294,7 +295,8 @@ class SessionStore:
         counter (`begin_attempt`) is deleted in the same step. `finish`: the request-stream
         entry this reply completes; unless the lease was lost, the lease is released and the
         entry acknowledged and deleted in the same step too (the worker's last round trip for
-        an entry, see worker/leases.py)."""
+        an entry, see worker/leases.py). `delta`: the reply's last `token` event, published
+        first (unless the lease was lost), so it comes before the reply's own event."""
         assert reply.reply_to is not None and is_uuid4(reply.reply_to)
         result = await self._add_reply(
             keys=[
@@ -313,6 +315,7 @@ class SessionStore:
                 self._history_cap,
                 self.keys.group,
                 finish or "",
+                "" if delta is None else dump_event(delta),
             ],
         )
         return ReplyOutcome(int(result))

@@ -90,10 +90,10 @@ class DeltaPublisher:
     PUBLISH per interval instead of one per token, and a pause in the model does not hold the
     text back longer than the interval.
 
-    Publishes go one at a time under a lock, so token events keep their order. `flush` sends
-    the rest (call it before storing the reply, whose `message` event must come last); `drop`
-    discards it (a lost lease: the session belongs to another worker now). A failed timed
-    publish is raised by the next `add` or `flush`.
+    Publishes go one at a time under a lock, so token events keep their order. `rest` hands
+    over what is left, which the reply's script publishes before the `message` event (that
+    event must come last); `drop` discards it (a lost lease: the session belongs to another
+    worker now). A failed timed publish is raised by the next `add` or `rest`.
     """
 
     def __init__(
@@ -120,12 +120,20 @@ class DeltaPublisher:
             delay = self._last_sent + self._interval - now
             self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
-    async def flush(self) -> None:
+    async def rest(self) -> DeltaEvent | None:
+        """The text not sent yet, as the last `token` event, for the reply's own script to
+        publish before its `message` event (one round trip less per reply); None when all was
+        sent. A timed publish in flight is waited for first, so the order holds."""
         self._cancel_timer()
         if self._timed is not None:
             await asyncio.wait({self._timed})
         self._raise_failure()
-        await self._send()
+        async with self._lock:
+            if not self._buffer:
+                return None
+            delta = "".join(self._buffer)
+            self._buffer.clear()
+            return DeltaEvent(id=self._reply_id, reply_to=self._reply_to, delta=delta)
 
     def drop(self) -> None:
         self._cancel_timer()
@@ -313,8 +321,8 @@ class Responder:
             if isinstance(outcome, LeaseWasLost):
                 raise LeaseLost(turn.token)
             # Stopped, capped, failed or finished: the text streamed so far all goes out
-            # before the stored reply's `message` event.
-            await publisher.flush()
+            # before the stored reply's `message` event (the rest by the reply's script).
+            rest = await publisher.rest()
         finally:
             publisher.drop()  # a lost lease, an outage, a shutdown: the rest is not sent
         reply.msg = "".join(parts).strip()
@@ -329,12 +337,14 @@ class Responder:
             )
         if reply.error is not None:
             MODEL_ERRORS.labels(reply.error.code.value).inc()
-        await self._store_reply(turn, reply)
+        await self._store_reply(turn, reply, rest)
         REPLY_SECONDS.observe(time.monotonic() - started)
 
-    async def _store_reply(self, turn: Turn, reply: Message) -> None:
+    async def _store_reply(
+        self, turn: Turn, reply: Message, rest: DeltaEvent | None = None
+    ) -> None:
         stored = await self._store.add_reply(
-            turn.token, reply, reply_event(reply), turn.lease.owner, finish=turn.finish
+            turn.token, reply, reply_event(reply), turn.lease.owner, finish=turn.finish, delta=rest
         )
         if stored is ReplyOutcome.LEASE_LOST:
             raise LeaseLost(turn.token)

@@ -9,17 +9,21 @@
 -- ARGV[1] lease owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
 -- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
 -- ARGV[7] history cap (0 = none), ARGV[8] the workers' consumer group, ARGV[9] the entry to
--- finish ("" = none: the lease stays held and the entry pending)
+-- finish ("" = none: the lease stays held and the entry pending), ARGV[10] the reply's last
+-- `token` event, published to ARGV[5] first whatever the outcome but -1 ("" = none)
 -- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lease (nothing
 -- written, not even the entry finished: it belongs to the lease's new holder), -2 no session,
 -- -3 the message was waiting when the history was reset (change_conversation.lua lists it in
 -- `$.cancelled`): its reply is not stored. (A message dropped by the history cap while its
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
 -- With ARGV[9], every outcome but -1 finishes the entry.
--- Cost of a stored reply that finishes its entry: GET, JSON.GET, JSON.ARRAPPEND, JSON.SET,
+-- Cost of a stored reply that finishes its entry: GET, PUBLISH of ARGV[10] if given, JSON.GET, JSON.ARRAPPEND, JSON.SET,
 -- EXPIRE, PUBLISH, one DEL of the counter and the lease, XACKDEL (XACK + XDEL before Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
+end
+if ARGV[10] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[10])
 end
 
 local function finish(outcome)

@@ -393,3 +393,25 @@ async def test_reading_a_turn_of_a_missing_session_counts_nothing(
     message_id = new_id()
     assert await store.recent_messages(new_id(), 10, attempt=message_id) is None
     assert await redis.exists(store.keys.attempts(message_id)) == 0
+
+
+async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human, _ = await _queued_entry(store, redis, session.token)
+    message, event = _bot_reply(human)
+    rest = core.models.DeltaEvent(id=message.id, reply_to=human.id, delta="the rest")
+    await redis.set(store.keys.lease(session.token), "me")
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.get_message(timeout=1)
+        lost = await store.add_reply(session.token, message, event, "other", delta=rest)
+        stored = await store.add_reply(session.token, message, event, "me", delta=rest)
+        heard = [await pubsub.get_message(timeout=2) for _ in range(2)]
+        late = await pubsub.get_message(timeout=0.2)
+    assert (lost, stored) == (ReplyOutcome.LEASE_LOST, ReplyOutcome.STORED)
+    events = [json.loads(m["data"]) for m in heard if m is not None]
+    assert [e["type"] for e in events] == ["token", "message"]
+    assert events[0]["delta"] == "the rest"
+    assert late is None
