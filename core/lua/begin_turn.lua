@@ -13,10 +13,11 @@ local messages = redis.call('JSON.GET', KEYS[1], '$.messages[-' .. ARGV[1] .. ':
 if not messages then
   return nil
 end
-local stopped = redis.call('GET', KEYS[2])
+-- The stop time and the count in one MGET, the new count written with its TTL in one SET.
+local read = redis.call('MGET', KEYS[2], KEYS[3])
 local count = false
 if ARGV[2] ~= '' then
-  count = redis.call('INCRBY', KEYS[3], ARGV[2])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  count = (tonumber(read[2]) or 0) + tonumber(ARGV[2])
+  redis.call('SET', KEYS[3], count, 'EX', ARGV[3])
 end
-return {messages, stopped, count}
+return {messages, read[1], count}
