@@ -195,6 +195,10 @@ def table(result: Result, options: Options) -> Table:
         "CPU ms per message at saturation, by process: "
         + ", ".join(f"{name} {1000 * seconds / done:.2f}" for name, seconds in cpu.items())
     )
+    out.notes.append(
+        "Redis commands per message at saturation, by command (script calls included): "
+        + result.pipeline_saturation.cpu.per_command(done)
+    )
     echo_cpu = result.echo_saturation.cpu_ms_per_message
     pipeline_cpu = result.pipeline_saturation.cpu_ms_per_message
     p99 = percentile(result.pipeline_half.load.latencies_ms(), 0.99)

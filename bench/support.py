@@ -160,32 +160,54 @@ def cpu_seconds(pid: int) -> float:
 
 class CpuMeter:
     """CPU seconds used by some processes between `start()` and `stop()`, by name; with
-    `redis_port`, also the commands Redis processed meanwhile (INFO stats)."""
+    `redis_port`, also the commands Redis processed meanwhile (INFO stats), and the same split
+    by command (INFO commandstats). Both count the commands a script calls as well as the
+    EVALSHA that ran it: what Redis does, not only the round trips."""
 
     def __init__(self, pids: dict[str, int], redis_port: int | None = None) -> None:
         self.pids = pids
         self.redis_port = redis_port
         self._before: dict[str, float] = {}
         self._commands_before = 0
+        self._by_command_before: dict[str, int] = {}
         self.used: dict[str, float] = {}
         self.redis_commands = 0
+        self.redis_by_command: dict[str, int] = {}
 
-    def _commands(self) -> int:
+    def _commands(self) -> tuple[int, dict[str, int]]:
         if self.redis_port is None:
-            return 0
+            return 0, {}
         client = redis.Redis(port=self.redis_port)
         try:
-            return int(client.info("stats")["total_commands_processed"])
+            total = int(client.info("stats")["total_commands_processed"])
+            stats = client.info("commandstats")
         finally:
             client.close()
+        by_command = {
+            name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
+        }
+        return total, by_command
 
     def start(self) -> None:
         self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._commands_before = self._commands()
+        self._commands_before, self._by_command_before = self._commands()
 
     def stop(self) -> None:
         self.used = {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
-        self.redis_commands = self._commands() - self._commands_before
+        total, by_command = self._commands()
+        self.redis_commands = total - self._commands_before
+        changed = {
+            name: calls - self._by_command_before.get(name, 0) for name, calls in by_command.items()
+        }
+        # The meter's own INFO calls are not the pipeline's.
+        self.redis_by_command = {
+            name: calls for name, calls in changed.items() if calls > 0 and name != "info"
+        }
+
+    def per_command(self, messages: int) -> str:
+        """The commands per message, most frequent first, as `NAME n.nn` text."""
+        ranked = sorted(self.redis_by_command.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {calls / messages:.2f}" for name, calls in ranked)
 
     @property
     def total(self) -> float:

@@ -66,6 +66,9 @@ class Recent:
     stopped_at: datetime | None
     # True when `messages` is the whole history (it had no more than were asked for).
     complete: bool
+    # The generation attempts of the message the reader expected to answer, counted as it
+    # read (`SessionStore.recent_messages`); None when it counted none.
+    attempts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ class SessionStore:
         self._add_reply = redis.register_script(
             load_script("lib_history_cap.lua", "lib_unanswered.lua", "add_reply.lua")
         )
+        self._begin_turn = redis.register_script(load_script("begin_turn.lua"))
         self._rate_limit = redis.register_script(
             load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
         )
@@ -201,18 +205,37 @@ class SessionStore:
             return None
         return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
 
-    async def recent_messages(self, token: str, count: int) -> Recent | None:
+    async def recent_messages(
+        self, token: str, count: int, attempt: str | None = None
+    ) -> Recent | None:
         """The session's newest `count` messages and its latest stop time, in one round trip:
         what the worker reads for each message it answers, so the cost of an answer does not
-        grow with the length of the history. None when the session does not exist."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.execute_command("JSON.GET", self.keys.session(token), f"$.messages[-{count}:]")
-            pipe.get(self.keys.stop(token))
-            raw, stopped = await pipe.execute()
-        messages = _parse_slice(raw)
-        if messages is None:
+        grow with the length of the history. None when the session does not exist.
+
+        `attempt`: a message id whose generation attempt is counted in the same step (see
+        `begin_attempt`; the count is `Recent.attempts`), for a worker that expects to answer
+        it; one that answers another message instead takes the count back."""
+        owed = self._owed_attempts.get(attempt, 0) if attempt is not None else 0
+        result: Any = await self._begin_turn(
+            keys=[
+                self.keys.session(token),
+                self.keys.stop(token),
+                self.keys.attempts(attempt or "-"),
+            ],
+            args=[count, "" if attempt is None else 1 - owed, self._ttl],
+        )
+        if result is None:
             return None
-        return Recent(messages, _stop_time(stopped), complete=len(messages) < count)
+        if attempt is not None:
+            self._owed_attempts.pop(attempt, None)
+        raw, stopped, attempts = result
+        messages = _parse_slice(raw) or []
+        return Recent(
+            messages,
+            _stop_time(stopped),
+            complete=len(messages) < count,
+            attempts=None if attempts is None else int(attempts),
+        )
 
     # --- Messages ----------------------------------------------------------------------------
 
@@ -286,18 +309,30 @@ class SessionStore:
         return 0 if int(wait) <= 0 else retry_after_seconds(int(wait))
 
     async def add_reply(
-        self, token: str, reply: Message, event: MessageEvent | ErrorEvent, lease_owner: str
+        self,
+        token: str,
+        reply: Message,
+        event: MessageEvent | ErrorEvent,
+        lease_owner: str,
+        *,
+        finish: str | None = None,
+        delta: DeltaEvent | None = None,
     ) -> ReplyOutcome:
         """Append a bot reply unless one exists already, and only while holding the lease.
 
         Once the message has its answer (this one, or one stored before), its generation-attempt
-        counter (`begin_attempt`) is deleted in the same step."""
+        counter (`begin_attempt`) is deleted in the same step. `finish`: the request-stream
+        entry this reply completes; unless the lease was lost, the lease is released and the
+        entry acknowledged and deleted in the same step too (the worker's last round trip for
+        an entry, see worker/leases.py). `delta`: the reply's last `token` event, published
+        first (unless the lease was lost), so it comes before the reply's own event."""
         assert reply.reply_to is not None and is_uuid4(reply.reply_to)
         result = await self._add_reply(
             keys=[
                 self.keys.session(token),
                 self.keys.lease(token),
                 self.keys.attempts(reply.reply_to),
+                self.keys.requests,
             ],
             args=[
                 lease_owner,
@@ -307,6 +342,9 @@ class SessionStore:
                 self.keys.events(token),
                 dump_event(event),
                 self._history_cap,
+                self.keys.group,
+                finish or "",
+                "" if delta is None else dump_event(delta),
             ],
         )
         return ReplyOutcome(int(result))

@@ -60,6 +60,10 @@ class LeaseManager:
         self.held.add(lease)
         return lease
 
+    def forget(self, lease: SessionLease) -> None:
+        """Stop renewing a lease that a script released already (add_reply.lua)."""
+        self.held.discard(lease)
+
     async def release(self, lease: SessionLease, done: str | None = None) -> None:
         """Give the lease up if it is still ours. `done`: the request-stream entry now
         answered, acknowledged and deleted in the same round trip, after the release (the

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -52,6 +52,11 @@ class Turn:
     messages: Sequence[Message]
     lease: SessionLease
     stop: asyncio.Event
+    # The request-stream entry this turn's stored reply finishes (the entry's last turn), or
+    # None; see SessionStore.add_reply.
+    finish: str | None = None
+    # This message's generation attempts, counted as its turn was read; None: not yet counted.
+    attempts: int | None = None
 
 
 # What a generation came to.
@@ -86,10 +91,10 @@ class DeltaPublisher:
     PUBLISH per interval instead of one per token, and a pause in the model does not hold the
     text back longer than the interval.
 
-    Publishes go one at a time under a lock, so token events keep their order. `flush` sends
-    the rest (call it before storing the reply, whose `message` event must come last); `drop`
-    discards it (a lost lease: the session belongs to another worker now). A failed timed
-    publish is raised by the next `add` or `flush`.
+    Publishes go one at a time under a lock, so token events keep their order. `rest` hands
+    over what is left, which the reply's script publishes before the `message` event (that
+    event must come last); `drop` discards it (a lost lease: the session belongs to another
+    worker now). A failed timed publish is raised by the next `add` or `rest`.
     """
 
     def __init__(
@@ -116,12 +121,20 @@ class DeltaPublisher:
             delay = self._last_sent + self._interval - now
             self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
-    async def flush(self) -> None:
+    async def rest(self) -> DeltaEvent | None:
+        """The text not sent yet, as the last `token` event, for the reply's own script to
+        publish before its `message` event (one round trip less per reply); None when all was
+        sent. A timed publish in flight is waited for first, so the order holds."""
         self._cancel_timer()
         if self._timed is not None:
             await asyncio.wait({self._timed})
         self._raise_failure()
-        await self._send()
+        async with self._lock:
+            if not self._buffer:
+                return None
+            delta = "".join(self._buffer)
+            self._buffer.clear()
+            return DeltaEvent(id=self._reply_id, reply_to=self._reply_to, delta=delta)
 
     def drop(self) -> None:
         self._cancel_timer()
@@ -182,7 +195,9 @@ class Responder:
         if signal is not None:
             signal.set()
 
-    async def answer_through(self, token: str, message_id: str, lease: SessionLease) -> None:
+    async def answer_through(
+        self, token: str, message_id: str, lease: SessionLease, entry_id: str | None = None
+    ) -> bool:
         """Answer the session's unanswered messages up to and including `message_id`.
 
         Oldest first: if an earlier message is still unanswered (its worker died and it has not
@@ -192,32 +207,64 @@ class Responder:
         A message whose generation was cut short by a dying worker WORKER_MAX_DELIVERIES
         times gets an error reply instead of one more attempt that may kill this worker too
         (see `SessionStore.begin_attempt`).
+
+        `entry_id`: the request-stream entry of `message_id`. Returns True when storing the
+        reply to `message_id` also released the lease and finished that entry (one round
+        trip); False when the caller still has both to do.
         """
         while True:
             # Listen first, then look: a stop arriving between the two is not missed.
             stop = asyncio.Event()
             self.stop_signals[token] = stop
             try:
-                turn = await self._next_turn(token, message_id, lease, stop)
+                turn = await self._next_turn(token, message_id, lease, stop, entry_id)
                 if turn is None:
-                    return
+                    return False
                 await self._answer(turn)
             finally:
                 if self.stop_signals.get(token) is stop:
                     del self.stop_signals[token]
             if turn.human.id == message_id:
                 # The target was the last one due: no need to read the history again.
-                return
+                return turn.finish is not None
 
     async def _next_turn(
-        self, token: str, message_id: str, lease: SessionLease, stop: asyncio.Event
+        self,
+        token: str,
+        message_id: str,
+        lease: SessionLease,
+        stop: asyncio.Event,
+        entry_id: str | None,
     ) -> Turn | None:
         """The oldest unanswered message up to `message_id`, read from the newest messages
-        only (the whole history only when `message_id` is older than those)."""
-        recent = await self._store.recent_messages(token, self._window)
-        if recent is not None and not recent.complete and not _holds(recent, message_id):
-            messages, stopped_at = await self._store.messages_and_stop(token)
-            recent = None if messages is None else Recent(messages, stopped_at, complete=True)
+        only (the whole history only when `message_id` is older than those). The read counts
+        an attempt for `message_id`, the message due in all but rare cases; when another one
+        is due, or none, the count is taken back."""
+        recent = await self._store.recent_messages(token, self._window, attempt=message_id)
+        attempts = recent.attempts if recent is not None else None
+        try:
+            if recent is not None and not recent.complete and not _holds(recent, message_id):
+                messages, stopped_at = await self._store.messages_and_stop(token)
+                recent = None if messages is None else Recent(messages, stopped_at, complete=True)
+        except (RedisError, OSError, asyncio.CancelledError):
+            if attempts is not None:  # not a dying worker's attempt (see `_answer`)
+                await self._store.take_back_attempt(message_id)
+            raise
+        turn = self._turn_from(token, message_id, lease, stop, recent)
+        if turn is not None and turn.human.id == message_id:
+            return replace(turn, finish=entry_id, attempts=attempts)
+        if attempts is not None:
+            await self._store.take_back_attempt(message_id)
+        return turn
+
+    def _turn_from(
+        self,
+        token: str,
+        message_id: str,
+        lease: SessionLease,
+        stop: asyncio.Event,
+        recent: Recent | None,
+    ) -> Turn | None:
         if recent is None:
             logger.info("session %s is gone; nothing to answer", short(token))
             return None
@@ -248,7 +295,10 @@ class Responder:
 
     async def _answer(self, turn: Turn) -> None:
         # Storing the answer (add_reply.lua) deletes the count; see SessionStore.begin_attempt.
-        if await self._store.begin_attempt(turn.human.id) > self._settings.worker_max_deliveries:
+        attempts = turn.attempts
+        if attempts is None:
+            attempts = await self._store.begin_attempt(turn.human.id)
+        if attempts > self._settings.worker_max_deliveries:
             await self._give_up(turn)
             return
         try:
@@ -273,8 +323,8 @@ class Responder:
             if isinstance(outcome, LeaseWasLost):
                 raise LeaseLost(turn.token)
             # Stopped, capped, failed or finished: the text streamed so far all goes out
-            # before the stored reply's `message` event.
-            await publisher.flush()
+            # before the stored reply's `message` event (the rest by the reply's script).
+            rest = await publisher.rest()
         finally:
             publisher.drop()  # a lost lease, an outage, a shutdown: the rest is not sent
         reply.msg = "".join(parts).strip()
@@ -291,7 +341,7 @@ class Responder:
             MODEL_ERRORS.labels(reply.error.code.value).inc()
         else:
             reply.tokens_used = self._tokens_used(usage, history, reply.msg)
-        await self._store_reply(turn, reply)
+        await self._store_reply(turn, reply, rest)
         REPLY_SECONDS.observe(time.monotonic() - started)
 
     def _tokens_used(self, usage: Usage, history: Sequence[Message], text: str) -> int | None:
@@ -306,9 +356,11 @@ class Responder:
         )
         return prompt + completion
 
-    async def _store_reply(self, turn: Turn, reply: Message) -> None:
+    async def _store_reply(
+        self, turn: Turn, reply: Message, rest: DeltaEvent | None = None
+    ) -> None:
         stored = await self._store.add_reply(
-            turn.token, reply, reply_event(reply), turn.lease.owner
+            turn.token, reply, reply_event(reply), turn.lease.owner, finish=turn.finish, delta=rest
         )
         if stored is ReplyOutcome.LEASE_LOST:
             raise LeaseLost(turn.token)

@@ -466,13 +466,15 @@ class Worker:
         lease = await r.leases.acquire(token)
         try:
             async with self._slots:
-                await r.responder.answer_through(token, message_id, lease)
+                finished = await r.responder.answer_through(token, message_id, lease, entry_id)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await r.leases.release(lease)
             raise
-        # Released, then acknowledged and deleted: one round trip.
-        await r.leases.release(lease, done=entry_id)
+        if finished:  # the reply's script released the lease and finished the entry
+            r.leases.forget(lease)
+        else:  # released, then acknowledged and deleted: one round trip
+            await r.leases.release(lease, done=entry_id)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

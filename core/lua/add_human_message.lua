@@ -18,27 +18,36 @@
 -- retry). Idempotent: if the client retries after a lost reply, the message is not stored twice.
 -- The stream is not trimmed: workers delete each entry once it is answered (XACK + XDEL), so it
 -- holds only work not done yet, and no unread entry is ever trimmed away.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Cost without a refusal: one JSON.GET of the fields it checks, one TIME, one MGET of both
+-- rate keys, then the writes (JSON.ARRAPPEND, JSON.MSET, EXPIRE, XADD, PUBLISH, the rate keys'
+-- SETs) and ZCOUNT.
+local duplicate = '$.messages[?(@.id=="' .. ARGV[5] .. '")].id'
+local fields = read_fields(KEYS[1], {duplicate, '$.unanswered', '$.title', '$.user_id'})
+if fields == nil then
   return {0}
 end
-if redis.call('JSON.GET', KEYS[1], '$.messages[?(@.id=="' .. ARGV[5] .. '")].id') ~= '[]' then
+if #fields[duplicate] > 0 then
   return {3}
 end
 local limit = tonumber(ARGV[13])
-local waiting = unanswered_count(KEYS[1])
+local waiting = unanswered_of(fields)
 if limit > 0 and waiting >= limit then
   return {4, limit}
 end
-local now = now_ms()
+local now, stamp = now_ms_and_stamp()
 local window = tonumber(ARGV[10])
-local session_wait, session_tat = gcra_check(KEYS[3], tonumber(ARGV[8]), window, now)
-local address_wait, address_tat = gcra_check(KEYS[4], tonumber(ARGV[9]), window, now)
+local per_session, per_address = tonumber(ARGV[8]), tonumber(ARGV[9])
+local stored = {nil, nil}
+if per_session > 0 and per_address > 0 then
+  stored = redis.call('MGET', KEYS[3], KEYS[4])
+end
+local session_wait, session_tat = gcra_check(KEYS[3], per_session, window, now, stored[1])
+local address_wait, address_tat = gcra_check(KEYS[4], per_address, window, now, stored[2])
 if session_wait > 0 or address_wait > 0 then
   return {2, math.max(session_wait, address_wait)}
 end
 gcra_commit(KEYS[3], session_tat, now)
 gcra_commit(KEYS[4], address_tat, now)
-local _, stamp = now_stamp()
 local stamped = '"timestamp":"' .. stamp .. '"'
 local function restamp(json)
   local at = string.find(json, ARGV[3], 1, true)
@@ -47,12 +56,15 @@ local function restamp(json)
   end
   return string.sub(json, 1, at - 1) .. stamped .. string.sub(json, at + #ARGV[3])
 end
-redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', restamp(ARGV[1]))
-redis.call('JSON.SET', KEYS[1], '$.unanswered', waiting + 1)
-cap_history(KEYS[1], tonumber(ARGV[11]))
-redis.call('JSON.SET', KEYS[1], '$.title', ARGV[14], 'NX')
+local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', restamp(ARGV[1]))[1]
+if #fields['$.title'] == 0 then
+  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1, KEYS[1], '$.title', ARGV[14])
+else
+  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1)
+end
+cap_history(KEYS[1], tonumber(ARGV[11]), length)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-local owner = cjson.decode(redis.call('JSON.GET', KEYS[1], '$.user_id'))[1]
+local owner = fields['$.user_id'][1]
 local entry = redis.call('XADD', KEYS[2], '*', 'token', ARGV[4], 'id', ARGV[5])
 redis.call('PUBLISH', ARGV[6], restamp(ARGV[7]))
 local alive = redis.call('ZCOUNT', KEYS[5], now - tonumber(ARGV[12]), '+inf')

@@ -1,37 +1,69 @@
--- Store a bot reply (or the error that stands for it) exactly once, then announce it.
+-- Store a bot reply (or the error that stands for it) exactly once, then announce it; with an
+-- entry id (ARGV[9]), also finish that request-stream entry in the same step: release the
+-- lease, then acknowledge and delete the entry (the worker's last turn for the entry, so one
+-- round trip instead of two).
 -- Needs the preludes lib_history_cap.lua and lib_unanswered.lua.
 -- KEYS[1] session document, KEYS[2] the session's worker lease, KEYS[3] the answered message's
--- generation-attempt counter (deleted once the message has its answer)
+-- generation-attempt counter (deleted once the message has its answer), KEYS[4] the request
+-- stream (touched only with ARGV[9])
 -- ARGV[1] lease owner, ARGV[2] id of the human message answered, ARGV[3] reply JSON,
 -- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
--- ARGV[7] history cap (0 = none)
--- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lease, -2 no session,
+-- ARGV[7] history cap (0 = none), ARGV[8] the workers' consumer group, ARGV[9] the entry to
+-- finish ("" = none: the lease stays held and the entry pending), ARGV[10] the reply's last
+-- `token` event, published to ARGV[5] first whatever the outcome but -1 ("" = none)
+-- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lease (nothing
+-- written, not even the entry finished: it belongs to the lease's new holder), -2 no session,
 -- -3 the message was waiting when the history was reset (change_conversation.lua lists it in
 -- `$.cancelled`): its reply is not stored. (A message dropped by the history cap while its
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
+-- With ARGV[9], every outcome but -1 finishes the entry.
+-- Cost of a stored reply that finishes its entry: GET, PUBLISH of ARGV[10] if given, JSON.GET, JSON.ARRAPPEND, JSON.SET,
+-- EXPIRE, PUBLISH, one DEL of the counter and the lease, XACKDEL (XACK + XDEL before Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return -2
+if ARGV[10] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[10])
 end
+
+local function finish(outcome)
+  if ARGV[9] == '' then
+    redis.call('DEL', KEYS[3])
+    return outcome
+  end
+  redis.call('DEL', KEYS[3], KEYS[2])
+  local acked = redis.pcall('XACKDEL', KEYS[4], ARGV[8], 'IDS', 1, ARGV[9])
+  if type(acked) == 'table' and acked.err then
+    redis.call('XACK', KEYS[4], ARGV[8], ARGV[9])
+    redis.call('XDEL', KEYS[4], ARGV[9])
+  end
+  return outcome
+end
+
 -- One scan for both: the question's source ("human") and any reply's ("bot").
-local sources = redis.call(
-  'JSON.GET', KEYS[1], '$.messages[?(@.id=="' .. ARGV[2] .. '" || @.reply_to=="' .. ARGV[2] .. '")].source'
-)
-if string.find(sources, '"bot"', 1, true) then
-  redis.call('DEL', KEYS[3])
-  return 0
+local sources_path = '$.messages[?(@.id=="' .. ARGV[2] .. '" || @.reply_to=="' .. ARGV[2] .. '")].source'
+local fields = read_fields(KEYS[1], {sources_path, '$.unanswered'})
+if fields == nil then
+  return finish(-2)
 end
-if not string.find(sources, '"human"', 1, true)
+local asked, answered = false, false
+for _, source in ipairs(fields[sources_path]) do
+  if source == 'bot' then
+    answered = true
+  elseif source == 'human' then
+    asked = true
+  end
+end
+if answered then
+  return finish(0)
+end
+if not asked
   and redis.call('JSON.GET', KEYS[1], '$.cancelled[?(@=="' .. ARGV[2] .. '")]') ~= '[]' then
-  redis.call('DEL', KEYS[3])
-  return -3
+  return finish(-3)
 end
-redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])
-redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_count(KEYS[1]) - 1))
-cap_history(KEYS[1], tonumber(ARGV[7] or '0'))
+local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])[1]
+redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1))
+cap_history(KEYS[1], tonumber(ARGV[7] or '0'), length)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-redis.call('DEL', KEYS[3])
-return 1
+return finish(1)

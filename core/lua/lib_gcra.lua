@@ -5,12 +5,17 @@
 -- allowed.
 
 -- Returns (wait_ms, new_tat): wait_ms > 0 means refused (try again in wait_ms).
-local function gcra_check(key, limit, period_ms, now)
+-- `stored`: the key's value when the caller read it already (one MGET for several keys;
+-- false when the key is missing), nil to have it read here.
+local function gcra_check(key, limit, period_ms, now, stored)
   if limit <= 0 then
     return 0, nil
   end
   local interval = math.max(1, math.floor(period_ms / limit))
-  local tat = tonumber(redis.call('GET', key)) or now
+  if stored == nil then
+    stored = redis.call('GET', key)
+  end
+  local tat = tonumber(stored) or now
   if tat < now then
     tat = now
   end

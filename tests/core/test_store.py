@@ -294,3 +294,124 @@ async def test_a_skewed_server_clock_does_not_stamp_messages_or_stops(
     assert stored is not None and stopped_at is not None
     for stamp in (queued.message.timestamp, stored[0].timestamp, stopped_at):
         assert abs((stamp - redis_now).total_seconds()) < 60
+
+
+# --- One round trip per step of the worker (issue 12) -------------------------------------------
+
+
+async def _queued_entry(store: SessionStore, redis: Redis, token: str) -> tuple[Message, str]:
+    """A human message, and its request-stream entry read by a consumer (so it is pending)."""
+    await redis.xgroup_create(store.keys.requests, store.keys.group, id="0", mkstream=True)
+    human = await sessions.add_human_message(store, token, "q")
+    assert human is not None
+    read: Any = await redis.xreadgroup(store.keys.group, "c", {store.keys.requests: ">"})
+    return human, read[0][1][0][0]
+
+
+def _bot_reply(human: Message) -> tuple[Message, MessageEvent]:
+    message = Message(source=Source.BOT, msg="a", reply_to=human.id)
+    return message, MessageEvent(
+        id=message.id, reply_to=human.id, msg="a", timestamp=message.timestamp
+    )
+
+
+@pytest.mark.parametrize("outcome", [ReplyOutcome.STORED, ReplyOutcome.ALREADY_ANSWERED])
+async def test_a_reply_that_finishes_its_entry_releases_the_lease_and_deletes_the_entry(
+    store: SessionStore, redis: Redis, outcome: ReplyOutcome
+) -> None:
+    session = await store.create("Ann")
+    human, entry = await _queued_entry(store, redis, session.token)
+    lease = store.keys.lease(session.token)
+    await redis.set(lease, "me")
+    if outcome is ReplyOutcome.ALREADY_ANSWERED:
+        assert await store.add_reply(session.token, *_bot_reply(human), "me") is ReplyOutcome.STORED
+
+    stored = await store.add_reply(session.token, *_bot_reply(human), "me", finish=entry)
+
+    assert stored is outcome
+    assert await redis.exists(lease, store.keys.attempts(human.id)) == 0
+    assert await redis.xlen(store.keys.requests) == 0
+    pending: Any = await redis.xpending(store.keys.requests, store.keys.group)
+    assert pending["pending"] == 0
+
+
+async def test_a_reply_after_the_lease_was_lost_leaves_the_entry_to_the_new_holder(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human, entry = await _queued_entry(store, redis, session.token)
+    lease = store.keys.lease(session.token)
+    await redis.set(lease, "the-new-holder")
+
+    stored = await store.add_reply(session.token, *_bot_reply(human), "me", finish=entry)
+
+    assert stored is ReplyOutcome.LEASE_LOST
+    assert await redis.get(lease) == "the-new-holder"
+    assert await redis.xlen(store.keys.requests) == 1
+    pending: Any = await redis.xpending(store.keys.requests, store.keys.group)
+    assert pending["pending"] == 1
+
+
+async def test_a_reply_to_a_deleted_session_still_finishes_its_entry(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human, entry = await _queued_entry(store, redis, session.token)
+    await redis.set(store.keys.lease(session.token), "me")
+    await redis.delete(store.keys.session(session.token))
+
+    stored = await store.add_reply(session.token, *_bot_reply(human), "me", finish=entry)
+
+    assert stored is ReplyOutcome.SESSION_GONE
+    assert await redis.xlen(store.keys.requests) == 0
+    assert await redis.exists(store.keys.lease(session.token)) == 0
+
+
+async def test_reading_a_turn_counts_the_expected_messages_attempt_in_the_same_step(
+    store: SessionStore, redis: Redis, settings: Settings
+) -> None:
+    session = await store.create("Ann")
+    human = await sessions.add_human_message(store, session.token, "q")
+    assert human is not None
+    await store.request_stop(session.token)
+
+    first = await store.recent_messages(session.token, 10, attempt=human.id)
+    second = await store.recent_messages(session.token, 10, attempt=human.id)
+    uncounted = await store.recent_messages(session.token, 10)
+
+    assert first is not None and second is not None and uncounted is not None
+    assert [m.id for m in first.messages] == [human.id]
+    assert first.stopped_at is not None and first.complete
+    assert (first.attempts, second.attempts, uncounted.attempts) == (1, 2, None)
+    assert await redis.get(store.keys.attempts(human.id)) == "2"
+    assert 0 < await redis.ttl(store.keys.attempts(human.id)) <= settings.session_ttl_seconds
+
+
+async def test_reading_a_turn_of_a_missing_session_counts_nothing(
+    store: SessionStore, redis: Redis
+) -> None:
+    message_id = new_id()
+    assert await store.recent_messages(new_id(), 10, attempt=message_id) is None
+    assert await redis.exists(store.keys.attempts(message_id)) == 0
+
+
+async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human, _ = await _queued_entry(store, redis, session.token)
+    message, event = _bot_reply(human)
+    rest = core.models.DeltaEvent(id=message.id, reply_to=human.id, delta="the rest")
+    await redis.set(store.keys.lease(session.token), "me")
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.get_message(timeout=1)
+        lost = await store.add_reply(session.token, message, event, "other", delta=rest)
+        stored = await store.add_reply(session.token, message, event, "me", delta=rest)
+        heard = [await pubsub.get_message(timeout=2) for _ in range(2)]
+        late = await pubsub.get_message(timeout=0.2)
+    assert (lost, stored) == (ReplyOutcome.LEASE_LOST, ReplyOutcome.STORED)
+    events = [json.loads(m["data"]) for m in heard if m is not None]
+    assert [e["type"] for e in events] == ["token", "message"]
+    assert events[0]["delta"] == "the rest"
+    assert late is None

@@ -28,7 +28,8 @@ from worker.worker import Worker
 
 
 class RecordingStore(SessionStore):
-    """The real store, noting every publish and the moment the reply was stored."""
+    """The real store, noting every publish (the last one rides with the reply, see
+    DeltaPublisher.rest) and the moment the reply was stored."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         super().__init__(redis, settings)
@@ -39,6 +40,9 @@ class RecordingStore(SessionStore):
         await super().publish_delta(token, event)
 
     async def add_reply(self, token: str, reply: Message, *args: Any, **kwargs: Any) -> Any:
+        rest = kwargs.get("delta")
+        if rest is not None:  # published by the reply's script, before the reply's event
+            self.log.append(("publish", rest.delta))
         self.log.append(("reply", reply.msg))
         return await super().add_reply(token, reply, *args, **kwargs)
 

@@ -1,29 +1,36 @@
 """Chat completions from any OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama, the
-Hugging Face router), through the official `openai` client.
+Hugging Face router), over a few shared `httpx.AsyncClient`s (HTTP keep-alive; see POOLS),
+with the server-sent events parsed here.
 
-The client's own retries are off: the worker retries here, so a 503 "model is loading" waits
-for the `estimated_time` it names and every retry stays inside MODEL_TIMEOUT_SECONDS.
+Not the official `openai` client: its per-request work (building the request through its
+option models, its connection-pool bookkeeping, a pydantic object per streamed chunk) was
+about 45% of the worker's CPU with a fast model (docs/benchmarks.md, issue 12). The request
+is a plain JSON POST and each event is one `json.loads`; the reply ends at `data: [DONE]`
+(the body is still read to its end, so the connection goes back to the pool).
 
-The request goes through the client's generic `post` (its documented way to call any
-endpoint) with a plain JSON body rather than `chat.completions.create`: `create` first walks
-its forty typed parameters and every message through the SDK's TypedDict transform, which
-profiling showed to be the worker's largest single CPU cost per message (see
-docs/benchmarks.md). Auth, errors, SSE parsing and the typed chunks are the client's own.
+Retries are the worker's (`stream_with_retries`): a 503 "model is loading" waits for the
+`estimated_time` it names and every retry stays inside MODEL_TIMEOUT_SECONDS. Errors map as
+the SDK's did: an HTTP error status through `http_failure`, a refused, broken or timed-out
+connection and a malformed event to a retry (`TransientModelError`), an error event in the
+stream to a `ModelError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+import httpx
 
 from core.config import Settings
 from core.models import Message
 from worker.backends.base import (
     ModelBackend,
+    ModelError,
     TransientModelError,
     Usage,
     http_failure,
@@ -32,6 +39,15 @@ from worker.backends.base import (
 from worker.prompt import chat_turns
 
 logger = logging.getLogger(__name__)
+
+# Connections to the model server: a remote API serves hundreds of generations at once per
+# worker (ModelBackend.default_concurrency), each on its own kept-alive connection. They are
+# spread over POOLS clients, taken in turn: httpcore's pool scans every connection it holds
+# (a readability check each) on every request and every response closed, so one pool of 50
+# connections cost 22% of the worker's CPU at 170 replies/s (py-spy, docs/benchmarks.md);
+# POOLS pools of a sixteenth each scan a sixteenth as much.
+POOLS = 16
+POOL = httpx.Limits(max_connections=64, max_keepalive_connections=32)
 
 
 class ChatCompletionsBackend(ModelBackend):
@@ -42,16 +58,20 @@ class ChatCompletionsBackend(ModelBackend):
         self._model = model
         self.size_prompt(settings, settings.model_context_tokens)
         self._what = f"the model server at {base_url}"
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url,
-            # Local servers (vLLM, llama.cpp, Ollama) take any key; the client wants one.
-            api_key=api_key or "not-needed",
-            max_retries=0,
-            timeout=settings.model_timeout_seconds,
-        )
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        headers = {
+            # Local servers (vLLM, llama.cpp, Ollama) take any key.
+            "Authorization": f"Bearer {api_key or 'not-needed'}",
+            "Accept": "text/event-stream",
+        }
+        self._clients = [
+            httpx.AsyncClient(headers=headers, timeout=settings.model_timeout_seconds, limits=POOL)
+            for _ in range(POOLS)
+        ]
+        self._turn = itertools.count()
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await asyncio.gather(*(client.aclose() for client in self._clients))
 
     def stream_reply(
         self, history: Sequence[Message], usage: Usage | None = None
@@ -65,41 +85,97 @@ class ChatCompletionsBackend(ModelBackend):
         )
 
     async def _attempt(self, turns: list[Any], usage: Usage) -> AsyncIterator[str]:
-        """One request. The server's own token counts come in a last chunk, which
-        `include_usage` asks for (every OpenAI-compatible server we target sends it)."""
+        """One request. The server's own token counts come in a last chunk (with no
+        choices), which `include_usage` asks for; a server that sends none leaves the
+        worker's count."""
+        async for chunk in self._chunks(turns):
+            if isinstance(counts := chunk.get("usage"), dict):
+                usage.prompt = _count(counts.get("prompt_tokens"), usage.prompt)
+                usage.completion = _count(counts.get("completion_tokens"), usage.completion)
+            choices = chunk.get("choices")
+            if choices:
+                content = (choices[0].get("delta") or {}).get("content")
+                if content:
+                    yield content
+
+    async def _chunks(self, turns: list[Any]) -> AsyncIterator[dict[str, Any]]:
+        """The streamed completion's chunks, decoded (the last one may carry only `usage`)."""
+        body = {
+            "model": self._model,
+            "messages": turns,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": self._settings.model_max_new_tokens,
+            "temperature": self._settings.model_temperature,
+        }
         try:
-            stream = await self._client.post(
-                "/chat/completions",
-                body={
-                    "model": self._model,
-                    "messages": turns,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                    "max_tokens": self._settings.model_max_new_tokens,
-                    "temperature": self._settings.model_temperature,
-                },
-                options={"security": {"bearer_auth": True}},
-                cast_to=ChatCompletion,
-                stream=True,
-                stream_cls=openai.AsyncStream[ChatCompletionChunk],
-            )
-            async with stream:
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage.prompt = chunk.usage.prompt_tokens
-                        usage.completion = chunk.usage.completion_tokens
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-        except openai.APIStatusError as exc:
-            raise http_failure(exc.status_code, _body(exc), exc.response.headers) from exc
-        except (openai.APIConnectionError, openai.APIResponseValidationError) as exc:
-            raise TransientModelError(str(exc) or type(exc).__name__) from exc
+            client = self._clients[next(self._turn) % POOLS]
+            async with client.stream("POST", self._url, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise http_failure(response.status_code, _body(response), response.headers)
+                done = False
+                async for data in sse_data(response.aiter_bytes()):
+                    # Read on after [DONE] to the body's end, as the SDK does: a response
+                    # closed unread takes its connection with it (no keep-alive).
+                    done = done or data == b"[DONE]"
+                    if not done:
+                        yield _chunk(data)
+        except httpx.TimeoutException as exc:
+            raise TransientModelError("Request timed out.") from exc
+        except httpx.TransportError as exc:  # refused, reset, cut mid-stream, bad HTTP
+            raise TransientModelError(f"Connection error: {exc or type(exc).__name__}") from exc
 
 
-def _body(exc: openai.APIStatusError) -> object:
-    """The whole error body: the client keeps only its "error" field in `exc.body`, and a
-    loading model's `estimated_time` sits beside that field."""
+async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event in `stream` (multi-line data joined by newlines,
+    per the SSE format); comments, other fields and events without data are skipped."""
+    pending = b""
+    data: list[bytes] = []
+    async for block in stream:
+        pending += block
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+    if pending.startswith(b"data:"):  # a last event the server did not end with a blank line
+        value = pending[5:].rstrip(b"\r")
+        data.append(value[1:] if value.startswith(b" ") else value)
+    if data:
+        yield b"\n".join(data)
+
+
+def _chunk(data: bytes) -> dict[str, Any]:
     try:
-        return exc.response.json()
-    except (ValueError, RuntimeError):
-        return exc.body if exc.body is not None else exc.message
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise TransientModelError(f"Malformed event from the model server: {data[:200]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise TransientModelError(f"Malformed event from the model server: {data[:200]!r}")
+    if "error" in chunk:  # an error reported inside the stream, after a 200
+        raise ModelError(f"The model server reported an error: {_detail(chunk['error'])}")
+    return chunk
+
+
+def _count(value: object, otherwise: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else otherwise
+
+
+def _detail(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _body(response: httpx.Response) -> object:
+    """The whole error body: a loading model's `estimated_time` sits beside its "error"."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text

@@ -1,0 +1,23 @@
+-- What the worker reads for each turn, in one round trip: a session's newest messages and its
+-- latest stop time; with ARGV[2], also one more generation attempt counted for the message it
+-- expects to answer (the poison-message guard, see SessionStore.begin_attempt), so the common
+-- turn needs no round trip of its own for the count.
+-- KEYS[1] session document, KEYS[2] the session's stop time, KEYS[3] the expected message's
+-- generation-attempt counter
+-- ARGV[1] how many of the newest messages, ARGV[2] the counter's increment ("" = count
+-- nothing), ARGV[3] the counter's TTL (s)
+-- Returns nil when the session does not exist (nothing counted); else {the messages (JSON
+-- text of the `$.messages[-N:]` matches), the stop time (epoch microseconds) or nil, the count
+-- after the increment or nil}.
+local messages = redis.call('JSON.GET', KEYS[1], '$.messages[-' .. ARGV[1] .. ':]')
+if not messages then
+  return nil
+end
+-- The stop time and the count in one MGET, the new count written with its TTL in one SET.
+local read = redis.call('MGET', KEYS[2], KEYS[3])
+local count = false
+if ARGV[2] ~= '' then
+  count = (tonumber(read[2]) or 0) + tonumber(ARGV[2])
+  redis.call('SET', KEYS[3], count, 'EX', ARGV[3])
+end
+return {messages, read[1], count}
