@@ -103,8 +103,18 @@ def may_touch(caller: Caller, session: Session) -> bool:
 
 
 async def conversation_for(caller: Caller, services: Services, conversation_id: str) -> Session:
-    """The conversation (renewing its TTL, as reading a session does), or 404."""
-    session = await services.store.get(conversation_id)
+    """The conversation (renewing its TTL, as reading a session does), or 404. Who may touch
+    it is settled before the read that renews it, so a refused caller keeps nothing alive."""
+    store = services.store
+    if caller.user is not None:
+        allowed = await store.owner(conversation_id) == caller.user.user_id
+    else:  # an anonymous conversation's own token (an owned one needs its owner's key)
+        allowed = (
+            caller.token is not None
+            and hmac.compare_digest(caller.token, conversation_id)
+            and await store.owner(conversation_id) is None
+        )
+    session = await store.get(conversation_id) if allowed else None
     if session is None or not may_touch(caller, session):
         raise HTTPException(404, detail=CONVERSATION_MISSING)
     return session

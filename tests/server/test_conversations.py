@@ -282,3 +282,22 @@ async def test_deleting_while_a_reply_streams_closes_the_sockets_and_stores_noth
     assert (await http.get(f"/v1/conversations/{token}", headers=auth(key))).status_code == 404
     assert (await http.delete(f"/v1/conversations/{token}", headers=auth(key))).status_code == 404
     assert (await http.get("/v1/conversations", headers=auth(key))).json()["conversations"] == []
+
+
+async def test_a_refused_read_does_not_renew_the_conversation(
+    http: httpx.AsyncClient, stack: Stack, redis: Redis
+) -> None:
+    """Only who may touch a conversation keeps it alive: someone else's 404 must not be a
+    way to hold it (or to learn that it exists) by its TTL."""
+    _, ann = await register(http, "Ann")
+    _, bob = await register(http, "Bob")
+    owned = (await _create(http, ann))["token"]
+    anonymous = (await http.post("/token", params={"name": "Cy"})).json()["token"]
+    keys = stack.server.app.state.services.store.keys
+    for token, refused in ((owned, auth(bob)), (owned, auth(owned)), (anonymous, auth(bob))):
+        await redis.expire(keys.session(token), 100)
+        response = await http.get(f"/v1/conversations/{token}", headers=refused)
+        assert response.status_code == 404
+        assert 0 < await redis.ttl(keys.session(token)) <= 100
+    assert (await http.get(f"/v1/conversations/{owned}", headers=auth(ann))).status_code == 200
+    assert await redis.ttl(keys.session(owned)) > 100
