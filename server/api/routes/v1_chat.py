@@ -24,8 +24,8 @@ from core.models import (
     MessageEvent,
     NoticeEvent,
 )
-from server.api.auth import OPTIONAL_CREDENTIAL, CallerDep
-from server.api.deps import ServicesDep
+from server.api.auth import OPTIONAL_CREDENTIAL, Caller, CallerDep
+from server.api.deps import Services, ServicesDep
 from server.api.guards import client_address
 from server.api.schema import (
     CLIENT_ID_PATTERN,
@@ -135,14 +135,7 @@ async def chat(
     """Store and queue the message like the socket does, wait for its reply (up to
     HTTP_REPLY_TIMEOUT_SECONDS), and answer it: 201 when this call created the conversation."""
     try:
-        exchange = await open_exchange(
-            services,
-            caller,
-            client_address(request),
-            body.message,
-            body.conversation_id,
-            body.client_id,
-        )
+        exchange = await _open(body, request, caller, services)
     except ChatRefused as refused:
         return refusal(refused)
     try:
@@ -196,17 +189,24 @@ async def chat_stream(
     """Like POST /v1/chat, with the reply streamed as it is generated. A refusal before the
     message is stored is an HTTP status; after it, the stream carries the error event."""
     try:
-        exchange = await open_exchange(
-            services,
-            caller,
-            client_address(request),
-            body.message,
-            body.conversation_id,
-            body.client_id,
-        )
+        exchange = await _open(body, request, caller, services)
     except ChatRefused as refused:
         return refusal(refused)
     return EventStream(exchange, services.settings)
+
+
+async def _open(
+    body: ChatRequest, request: Request, caller: Caller, services: Services
+) -> Exchange:
+    """Both routes' first step: the message stored and queued, its reply awaited."""
+    return await open_exchange(
+        services,
+        caller,
+        client_address(request),
+        body.message,
+        body.conversation_id,
+        body.client_id,
+    )
 
 
 def exchange_refused(
