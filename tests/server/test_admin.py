@@ -156,7 +156,7 @@ async def test_users_are_listed_with_a_cursor(http: httpx.AsyncClient) -> None:
 
 
 async def test_deleting_a_user_revokes_the_key_and_deletes_every_conversation(
-    http: httpx.AsyncClient, stack: Stack, redis: Redis, stack_settings: Settings
+    http: httpx.AsyncClient, stack: Stack, redis: Redis
 ) -> None:
     user_id, key = await register(http)
     _, other = await register(http, "Bob")
@@ -170,12 +170,12 @@ async def test_deleting_a_user_revokes_the_key_and_deletes_every_conversation(
         assert deleted.status_code == 204
         assert await socket.until("conversation") == {"type": "conversation", "change": "deleted"}
     assert (await http.get("/v1/users/me", headers=auth(key))).status_code == 401
-    prefix = stack_settings.key_prefix
+    keys = stack.keys
     for token in tokens:
-        assert not await redis.exists(f"{prefix}:session:{token}")
-    assert not await redis.exists(f"{prefix}:conversations:{{{user_id}}}")
-    assert not await redis.exists(f"{prefix}:user:{{{user_id}}}")
-    assert await redis.exists(f"{prefix}:session:{kept}")
+        assert not await redis.exists(keys.session(token))
+    assert not await redis.exists(keys.user_conversations(user_id))
+    assert not await redis.exists(keys.user(user_id))
+    assert await redis.exists(keys.session(kept))
     again = await http.delete(f"/v1/admin/users/{user_id}", headers=auth(MASTER))
     assert again.status_code == 404 and again.json() == {"detail": "User not found"}
     for unknown in (new_id(), "not-a-uuid"):
@@ -184,11 +184,11 @@ async def test_deleting_a_user_revokes_the_key_and_deletes_every_conversation(
 
 
 async def test_a_delete_cut_short_after_the_revocation_is_finished_by_a_repeat(
-    http: httpx.AsyncClient, stack: Stack, redis: Redis, stack_settings: Settings
+    http: httpx.AsyncClient, stack: Stack, redis: Redis
 ) -> None:
     user_id, key = await register(http)
     token = (await http.post("/v1/conversations", json={}, headers=auth(key))).json()["token"]
     await stack.server.app.state.services.accounts.revoke(user_id)  # the crash came here
     finished = await http.delete(f"/v1/admin/users/{user_id}", headers=auth(MASTER))
     assert finished.status_code == 204
-    assert not await redis.exists(f"{stack_settings.key_prefix}:session:{token}")
+    assert not await redis.exists(stack.keys.session(token))

@@ -85,7 +85,7 @@ async def test_handshake_refused_without_a_live_session(stack: Stack, query: str
 
 async def test_handshake_refused_for_an_expired_session(stack: Stack, redis: Redis) -> None:
     token = await stack.new_session()
-    await redis.delete(f"{stack.settings.key_prefix}:session:{token}")
+    await redis.delete(stack.keys.session(token))
     with pytest.raises(InvalidStatus):
         async with websockets.connect(f"{stack.server.ws_url}/chat?token={token}"):
             pass
@@ -96,7 +96,7 @@ async def test_session_expiring_while_connected_is_reported_and_closed(
 ) -> None:
     token = await stack.new_session()
     async with stack.socket(token) as chat:
-        await redis.delete(f"{stack.settings.key_prefix}:session:{token}")
+        await redis.delete(stack.keys.session(token))
         await chat.send("anyone?")
         error = await chat.until("error")
         assert error["code"] == "session_expired"

@@ -209,12 +209,12 @@ async def test_a_bad_cursor_is_400(http: httpx.AsyncClient, cursor: str) -> None
 
 
 async def test_the_list_drops_and_repairs_entries_whose_conversation_is_gone(
-    http: httpx.AsyncClient, stack: Stack, redis: Redis, stack_settings: Settings
+    http: httpx.AsyncClient, stack: Stack, redis: Redis
 ) -> None:
     user_id, key = await register(http)
     kept = (await _create(http, key))["token"]
     expired = (await _create(http, key))["token"]
-    await redis.delete(f"{stack_settings.key_prefix}:session:{expired}")  # as a TTL would
+    await redis.delete(stack.keys.session(expired))  # as a TTL would
     index = stack.server.app.state.services.store.index
     await index.add(user_id, expired, int(time.time() * 1000) - REPAIR_GRACE_MS - 1000)
     being_made = new_id()  # its entry is written, its document not yet

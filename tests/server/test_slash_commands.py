@@ -169,7 +169,7 @@ async def test_a_command_on_an_expired_session_closes_the_socket(
 ) -> None:
     token = await stack.new_session()
     async with stack.socket(token) as chat:
-        await redis.delete(f"{stack.settings.key_prefix}:session:{token}")
+        await redis.delete(stack.keys.session(token))
         await chat.send("/title gone")
         error = await chat.until("error")
         await chat.ws.wait_closed()

@@ -17,6 +17,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from core.config import Settings
+from core.keys import Keys
 from server.__main__ import WS_MAX_FRAME_BYTES
 from server.main import create_app
 from tests.support.asgi_server import InProcessServer
@@ -34,6 +35,11 @@ class Stack:
     @property
     def url(self) -> str:
         return self.server.url
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis names the stack's server and workers use (core/keys.py owns them)."""
+        return Keys(self.settings.key_prefix)
 
     def add_worker(self) -> Worker:
         worker = Worker(self.settings)
