@@ -38,8 +38,10 @@ class Stack:
 
     @property
     def keys(self) -> Keys:
-        """The Redis names the stack's server and workers use (core/keys.py owns them)."""
-        return Keys(self.settings.key_prefix)
+        """The Redis names the stack's server uses: its store's own, not a copy rebuilt from
+        the settings that could drift from it (core/keys.py owns them)."""
+        keys: Keys = self.server.app.state.services.store.keys
+        return keys
 
     def add_worker(self) -> Worker:
         worker = Worker(self.settings)
