@@ -14,7 +14,7 @@ at most M tokens, the worker's own llama.cpp settings):
 Tokens/s = (tokens - 1) / (last token - first token); time to first token from the call (model)
 or from sending the message (client). Through the stack a `token` event may hold several model
 tokens, so the tokens are counted by tokenizing the text received with the model's tokenizer.
-PUBLISH calls per reply come from Redis's INFO commandstats. Medians over the rounds.
+SPUBLISH calls per reply come from Redis's INFO commandstats. Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _publishes(redis_port: int) -> int:
     client = redis.Redis(port=redis_port)
     try:
         stats: Any = client.info("commandstats")
-        return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+        return int(stats.get("cmdstat_spublish", {}).get("calls", 0))
     finally:
         client.close()
 

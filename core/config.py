@@ -73,6 +73,17 @@ class Settings(BaseSettings):
     redis_user: str | None = None
     redis_password: SecretStr | None = None
     key_prefix: str = Field(default="chat", pattern=r"^[A-Za-z0-9_.-]+$")
+    redis_mode: Literal["auto", "single", "cluster"] = Field(
+        default="auto",
+        description="auto: asks the server (INFO cluster); single or cluster: says so",
+    )
+    request_partitions: int = Field(
+        default=24,
+        ge=1,
+        le=1024,
+        description="request streams (and hash-tag slots) the sessions are spread over; "
+        "changing it moves every session (README, upgrade note)",
+    )
     embedded_redis_port: int = 6379
     redis_data_dir: Path = PROJECT_ROOT / ".data" / "redis"
     embedded_redis_maxmemory: str = Field(

@@ -92,7 +92,7 @@ class QueueCollector(Collector):
     The scrape runs in a thread, so this uses a small synchronous client of its own."""
 
     def __init__(self, settings: Settings) -> None:
-        self._keys = Keys(settings.key_prefix)
+        self._keys = Keys.from_settings(settings)
         self._redis: Redis = Redis.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -118,8 +118,15 @@ class QueueCollector(Collector):
         yield pending
 
     def _read(self) -> tuple[int, int]:
+        waiting, pending = 0, 0
+        for stream in self._keys.streams:
+            lag, held = self._read_stream(stream)
+            waiting, pending = waiting + lag, pending + held
+        return waiting, pending
+
+    def _read_stream(self, stream: str) -> tuple[int, int]:
         try:
-            groups: Any = self._redis.xinfo_groups(self._keys.requests)
+            groups: Any = self._redis.xinfo_groups(stream)
         except RedisError as exc:
             if "no such key" in str(exc).lower():
                 return 0, 0  # nothing was ever queued
@@ -130,7 +137,7 @@ class QueueCollector(Collector):
         pending = int(group["pending"])
         lag = group.get("lag")
         if lag is None:
-            lag = max(0, int(self._redis.xlen(self._keys.requests)) - pending)
+            lag = max(0, int(self._redis.xlen(stream)) - pending)
         return int(lag), pending
 
     def close(self) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -19,6 +22,13 @@ from core.keys import Keys
 # at its 101st concurrent command, which turned a burst of 200 socket opens into HTTP 500s.
 MAX_CONNECTIONS = 100
 POOL_WAIT_SECONDS = 20.0
+# A command refused by a lost connection is retried for 2.75 to 5.5 s in all (waits of 0.1 s
+# doubling up to 1 s, each between half and all of that): long enough to ride out a Redis
+# restart (the launcher's takes about 1 s to answer again), short enough that a caller hears
+# of a real outage in seconds. Fewer, shorter retries ran out while a restarted Redis was
+# still loading, and the first message after it was refused.
+RETRY_BACKOFF = {"base": 0.05, "cap": 1.0}
+RETRIES = 8
 
 
 def create_redis(settings: Settings) -> Redis:
@@ -32,7 +42,7 @@ def create_redis(settings: Settings) -> Redis:
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_WAIT_SECONDS,
         decode_responses=True,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=6),
+        retry=Retry(EqualJitterBackoff(**RETRY_BACKOFF), retries=RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=15,
         socket_keepalive=True,
@@ -49,15 +59,39 @@ def load_script(*names: str) -> str:
 
 
 async def ensure_group(redis: Redis, keys: Keys) -> None:
-    """Create the request stream and its consumer group if missing.
+    """Create every partition's request stream and its consumer group if missing, in one
+    round trip (a pipeline, which a cluster client splits by node).
 
-    The group starts at id 0, so messages queued before any worker ever ran are answered.
+    The groups start at id 0, so messages queued before any worker ever ran are answered.
     """
-    try:
-        await redis.xgroup_create(keys.requests, keys.group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in keys.streams:
+            pipe.xgroup_create(stream, keys.group, id="0", mkstream=True)
+        answers = await pipe.execute(raise_on_error=False)
+    for answer in answers:
+        if isinstance(answer, Exception) and "BUSYGROUP" not in str(answer):
+            raise answer
+
+
+def stream_groups(redis: Redis, keys: Keys) -> list[tuple[str, ...]]:
+    """The request streams as one XREADGROUP can read them: all at once from a single
+    Redis; one at a time from a cluster, where a command's keys must share a slot."""
+    if is_cluster(redis):
+        return [(stream,) for stream in keys.streams]
+    return [keys.streams]
+
+
+def is_cluster(redis: object) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+async def next_message(pubsub: PubSub, wait: float) -> dict[str, Any] | None:
+    """The next Pub/Sub message, sharded or not: a cluster's Pub/Sub hands out sharded
+    messages through `get_sharded_message`, one Redis's through `get_message`."""
+    if isinstance(pubsub, ClusterPubSub):
+        return await pubsub.get_sharded_message(timeout=wait)
+    message: dict[str, Any] | None = await pubsub.get_message(timeout=wait)
+    return message
 
 
 async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
@@ -68,8 +102,8 @@ async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
         pipe.json().set(keys.probe, "$", {"ok": True})
         pipe.expire(keys.probe, 60)
         pipe.json().get(keys.probe, "$.ok")
-        pipe.xadd(f"{keys.probe}:stream", {"ok": "1"}, maxlen=1)
-        pipe.expire(f"{keys.probe}:stream", 60)
+        pipe.xadd(keys.probe_stream, {"ok": "1"}, maxlen=1)
+        pipe.expire(keys.probe_stream, 60)
         _, _, probe, _, _ = await pipe.execute()
     except ResponseError as exc:
         text = str(exc)

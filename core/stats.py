@@ -71,15 +71,16 @@ class StatsReader:
     async def _count_keys(self, now_ms: int) -> _Pass:
         """Advance the pass by at most SCAN_STEPS; the complete pass to report, else the
         partial one."""
-        sessions = self._keys.session("")
-        sockets = self._keys.sockets("")
         match = _glob_escape(self._keys.prefix) + ":*"
         current = self._pass
         for _ in range(SCAN_STEPS):
             cursor, found = await self._redis.scan(current.cursor, match=match, count=SCAN_COUNT)
             names = [str(name) for name in found]  # the client decodes responses
-            socket_sets = [name for name in names if name.startswith(sockets)]
-            current.sessions += len([name for name in names if name.startswith(sessions)])
+            kinds = [self._keys.kind_of(name) for name in names]
+            socket_sets = [
+                name for name, kind in zip(names, kinds, strict=True) if kind == "sockets"
+            ]
+            current.sessions += kinds.count("session")
             if socket_sets:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for name in socket_sets:
@@ -93,10 +94,21 @@ class StatsReader:
 
     async def _queue(self) -> tuple[int, int, int | None]:
         """Waiting (not yet taken by a worker), pending (taken, unanswered), and the time
-        (ms) the oldest waiting message was queued: the first entry after the group's last
-        delivered id. Answered entries are deleted, so the stream holds only these."""
+        (ms) the oldest waiting message was queued, over every partition's stream."""
+        waiting, pending, oldest = 0, 0, None
+        for stream in self._keys.streams:
+            lag, held, first = await self._stream_queue(stream)
+            waiting, pending = waiting + lag, pending + held
+            if first is not None and (oldest is None or first < oldest):
+                oldest = first
+        return waiting, pending, oldest
+
+    async def _stream_queue(self, stream: str) -> tuple[int, int, int | None]:
+        """One stream's part of `_queue`: the oldest waiting message is the first entry
+        after the group's last delivered id. Answered entries are deleted, so the stream
+        holds only these."""
         try:
-            groups: Any = await self._redis.xinfo_groups(self._keys.requests)
+            groups: Any = await self._redis.xinfo_groups(stream)
         except ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return 0, 0, None
@@ -107,11 +119,11 @@ class StatsReader:
         pending = int(group["pending"])
         lag = group.get("lag")
         if lag is None:  # Redis cannot tell after some deletions: QueueCollector's reading
-            lag = max(0, int(await self._redis.xlen(self._keys.requests)) - pending)
+            lag = max(0, int(await self._redis.xlen(stream)) - pending)
         if int(lag) == 0:
             return 0, pending, None
         first: Any = await self._redis.xrange(
-            self._keys.requests, f"({group['last-delivered-id']}", "+", count=1
+            stream, f"({group['last-delivered-id']}", "+", count=1
         )
         oldest = int(str(first[0][0]).split("-")[0]) if first else None
         return int(lag), pending, oldest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -40,6 +41,9 @@ from core.models import (
 from core.redis import load_script
 
 logger = logging.getLogger(__name__)
+
+# How long a process trusts that workers are alive (`SessionStore._workers_alive`).
+WORKERS_SEEN_SECONDS = 1.0
 
 # JSON.GET with a JSONPath answers a list of matches: `$.messages` one list of messages,
 # `$.messages[-N:]` the messages themselves. Validated straight from the JSON text by
@@ -105,7 +109,7 @@ class SessionStore:
 
     def __init__(self, redis: Redis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = redis
-        self.keys = keys or Keys(settings.key_prefix)
+        self.keys = keys or Keys.from_settings(settings)
         self._settings = settings
         self._ttl = settings.session_ttl_seconds
         self._history_cap = settings.max_history_messages
@@ -129,6 +133,11 @@ class SessionStore:
         self._change = redis.register_script(
             load_script("lib_clock.lua", "change_conversation.lua")
         )
+        self._count_workers = redis.register_script(
+            load_script("lib_clock.lua", "count_workers.lua")
+        )
+        # When workers were last seen alive (monotonic; see `_workers_alive`).
+        self._workers_seen_at: float | None = None
         self.index = ConversationIndex(redis, self.keys)
         # Attempt counts this process could not take back while Redis refused writes: taken
         # back with the next attempt it counts for the same message.
@@ -220,7 +229,7 @@ class SessionStore:
             keys=[
                 self.keys.session(token),
                 self.keys.stop(token),
-                self.keys.attempts(attempt or "-"),
+                self.keys.attempts(token, attempt or "-"),
             ],
             args=[count, "" if attempt is None else 1 - owed, self._ttl],
         )
@@ -250,13 +259,24 @@ class SessionStore:
         backlog_capped: bool = True,
         message_id: str | None = None,
     ) -> Queued | RateLimited | BacklogFull | None:
-        """Check the session's backlog (MAX_UNANSWERED_MESSAGES) and the session's and the
-        address's rate limits, then store the message, queue it for a worker and announce it
-        (its `ack`), trimming the history to its cap: one atomic step and one round trip. The
-        message is stamped with Redis's time, not this process's. Returns None when the
-        session has expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts).
-        `message_id` (`client_message_id`): a retry with it is not stored again."""
+        """Check the address's rate limit (a step of its own: its key is not the session's),
+        then, in one atomic step and one round trip in the session's slot, the session's
+        backlog (MAX_UNANSWERED_MESSAGES) and rate limit, and store the message, queue it for
+        a worker and announce it (its `ack`), trimming the history to its cap. The message is
+        stamped with Redis's time, not this process's. Returns None when the session has
+        expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts).
+        `message_id` (`client_message_id`): a retry with it is not stored again.
+
+        The address limit counts attempts, so a message the session's own checks refuse still
+        counts against its address. Once the message is stored, nothing after it (the owner's
+        index, the live-workers count) can turn it into an error: see `_after_store`."""
         settings = self._settings
+        per_address = settings.rate_limit_address_messages if rate_limited and address else 0
+        window_s = settings.rate_limit_window_seconds
+        if per_address:
+            wait = await self.check_rate("msg-address", address or "-", per_address, window_s)
+            if wait:
+                return RateLimited(wait)
         message = Message(id=message_id or new_id(), source=Source.HUMAN, msg=text)
         ack = AckEvent(
             id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
@@ -264,15 +284,11 @@ class SessionStore:
         message_json = message.model_dump_json(exclude_none=True)
         # The member the script replaces with Redis's time, in the message and in the ack.
         stamp = '"timestamp":' + json.dumps(message.model_dump(mode="json")["timestamp"])
-        per_session = settings.rate_limit_session_messages if rate_limited else 0
-        per_address = settings.rate_limit_address_messages if rate_limited and address else 0
         result: Any = await self._add_human(
             keys=[
                 self.keys.session(token),
-                self.keys.requests,
-                self.keys.rate("msg-session", token),
-                self.keys.rate("msg-address", address or "-"),
-                self.keys.workers_alive,
+                self.keys.requests_for(token),
+                self.keys.session_rate(token),
             ],
             args=[
                 message_json,
@@ -282,21 +298,55 @@ class SessionStore:
                 message.id,
                 self.keys.events(token),
                 dump_event(ack),
-                per_session,
-                per_address,
-                settings.rate_limit_window_seconds * 1000,
+                settings.rate_limit_session_messages if rate_limited else 0,
+                window_s * 1000,
                 self._history_cap,
-                int(settings.worker_lease_seconds * 1000),
                 settings.max_unanswered_messages if backlog_capped else 0,
                 json.dumps(title_from_message(text)),
             ],
         )
-        outcome = _queue_outcome(result, message)
-        if isinstance(outcome, Queued) and int(result[0]) == 1 and result[4]:
-            # The owner's index sits in another slot: a step of its own (core/conversations.py).
-            owner = result[4].decode() if isinstance(result[4], bytes) else str(result[4])
-            await self.index.touch(owner, token, _epoch_ms(outcome.message.timestamp))
-        return outcome
+        status = int(result[0])
+        if status == 0:
+            return None
+        if status == 2:
+            return RateLimited(retry_after_seconds(int(result[1])))
+        if status == 4:
+            return BacklogFull(int(result[1]))
+        if status == 3:  # a retry of a call that had stored it
+            return Queued(message, workers_alive=True)
+        message.timestamp = datetime.fromisoformat(str(result[2]))  # Redis's clock, not ours
+        return Queued(message, workers_alive=await self._after_store(token, message, result[3]))
+
+    async def _after_store(self, token: str, message: Message, owner: str | bytes) -> bool:
+        """The steps after a message is stored, in other slots: touch the owner's index
+        (core/conversations.py) and count the live workers. The message is stored and
+        acknowledged whatever they answer, so a failure here is logged, never raised: the
+        index is only an order (repaired by the next message or read), and an unknown
+        worker count means no `queued` notice. Returns whether workers are alive."""
+        if owner:
+            user_id = owner.decode() if isinstance(owner, bytes) else str(owner)
+            try:
+                await self.index.touch(user_id, token, _epoch_ms(message.timestamp))
+            except (RedisError, OSError) as exc:
+                logger.warning("conversation index of a user not touched: %s", exc)
+        try:
+            return await self._workers_alive()
+        except (RedisError, OSError) as exc:
+            logger.warning("live workers not counted: %s", exc)
+            return True
+
+    async def _workers_alive(self) -> bool:
+        """Whether any worker sent a heartbeat within the lease (count_workers.lua). A yes is
+        trusted for a second per process, so a busy server does not pay a round trip per
+        message for it; a no is read again each time, so the `queued` notice stops as soon as
+        a worker is back."""
+        now = time.monotonic()
+        if self._workers_seen_at is not None and now - self._workers_seen_at < WORKERS_SEEN_SECONDS:
+            return True
+        lease_ms = int(self._settings.worker_lease_seconds * 1000)
+        count: Any = await self._count_workers(keys=[self.keys.workers_alive], args=[lease_ms])
+        self._workers_seen_at = now if int(count) > 0 else None
+        return self._workers_seen_at is not None
 
     async def check_rate(self, kind: str, subject: str, limit: int, period_seconds: int) -> int:
         """Count one request of `kind` by `subject` against `limit` per period (one atomic
@@ -331,8 +381,8 @@ class SessionStore:
             keys=[
                 self.keys.session(token),
                 self.keys.lease(token),
-                self.keys.attempts(reply.reply_to),
-                self.keys.requests,
+                self.keys.attempts(token, reply.reply_to),
+                self.keys.requests_for(token),
             ],
             args=[
                 lease_owner,
@@ -351,7 +401,7 @@ class SessionStore:
 
     async def publish_delta(self, token: str, event: DeltaEvent) -> None:
         """Send a piece of a reply being generated to the session's sockets."""
-        await self.redis.publish(self.keys.events(token), dump_event(event))
+        await self.redis.spublish(self.keys.events(token), dump_event(event))
 
     # --- Conversations (API v1 and slash commands) ------------------------------------------
 
@@ -400,7 +450,7 @@ class SessionStore:
                 self._ttl,
                 self.keys.events(token),
                 dump_event(event),
-                self.keys.control,
+                self.keys.control_for(token),
                 stop,
             ],
         )
@@ -408,7 +458,7 @@ class SessionStore:
 
     # --- Generation attempts (the poison-message guard) ----------------------------------------
 
-    async def begin_attempt(self, message_id: str) -> int:
+    async def begin_attempt(self, token: str, message_id: str) -> int:
         """Count one more generation of a reply to `message_id`; returns the count.
 
         The count is deleted with the stored answer (add_reply.lua) and taken back
@@ -418,7 +468,7 @@ class SessionStore:
         that: every entry a dead worker held is delivered again, the ones it was only holding
         (waiting for the session's lease or a slot) included.
         """
-        key = self.keys.attempts(message_id)
+        key = self.keys.attempts(token, message_id)
         owed = self._owed_attempts.get(message_id, 0)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incrby(key, 1 - owed)
@@ -427,10 +477,10 @@ class SessionStore:
         self._owed_attempts.pop(message_id, None)
         return int(count)
 
-    async def take_back_attempt(self, message_id: str) -> None:
+    async def take_back_attempt(self, token: str, message_id: str) -> None:
         """Uncount an attempt that did not end in a dying worker. If Redis refuses the write,
         the count is owed and taken back with this process's next attempt at the message."""
-        key = self.keys.attempts(message_id)
+        key = self.keys.attempts(token, message_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.decr(key)
@@ -447,23 +497,8 @@ class SessionStore:
         so a server with a skewed clock cannot stop the wrong message."""
         command = json.dumps({"type": "stop", "token": token})
         await self._request_stop(
-            keys=[self.keys.stop(token)], args=[self._ttl, self.keys.control, command]
+            keys=[self.keys.stop(token)], args=[self._ttl, self.keys.control_for(token), command]
         )
-
-
-def _queue_outcome(result: Any, message: Message) -> Queued | RateLimited | BacklogFull | None:
-    """What add_human_message.lua answered (see its header), as the caller's result."""
-    status = int(result[0])
-    if status == 0:
-        return None
-    if status == 2:
-        return RateLimited(retry_after_seconds(int(result[1])))
-    if status == 4:
-        return BacklogFull(int(result[1]))
-    if status == 3:  # a retry of a call that had stored it
-        return Queued(message, workers_alive=True)
-    message.timestamp = datetime.fromisoformat(str(result[3]))  # Redis's clock, not ours
-    return Queued(message, workers_alive=int(result[2]) > 0)
 
 
 def _parse_messages(raw: object) -> list[Message] | None:

@@ -1,7 +1,8 @@
 """Fan-out of session events from Redis Pub/Sub to the sockets of this server process.
 
-One Pub/Sub connection per process, however many sockets: a channel per session is subscribed
-while at least one socket of that session is open here. Workers publish to the channel and
+One Pub/Sub connection per process (per Redis node on a cluster), however many sockets: a
+sharded channel per session (in the session's slot, core/keys.py) is subscribed while at least
+one socket of that session is open here. Workers publish to the channel and
 every server holding a socket of the session receives the event; nobody consumes or deletes
 it, so several servers never take events from one another.
 """
@@ -22,6 +23,7 @@ from redis.exceptions import RedisError
 
 from core.keys import Keys
 from core.models import ConversationChange, ConversationEvent, ack_message_id, dump_event
+from core.redis import next_message
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +196,7 @@ class EventHub:
                 if len(members) == 1:
                     confirmation = asyncio.get_running_loop().create_future()
                     self._confirmations[channel] = confirmation
-                    await self._pubsub.subscribe(channel)
+                    await self._pubsub.ssubscribe(channel)
             if confirmation is not None:
                 # Events published before Redis confirms would be missed: wait for it.
                 await asyncio.wait_for(asyncio.shield(confirmation), timeout=10)
@@ -206,7 +208,7 @@ class EventHub:
                 if not members and self._subscribers.pop(channel, None) is not None:
                     self._confirmations.pop(channel, None)
                     with contextlib.suppress(RedisError, OSError):
-                        await self._pubsub.unsubscribe(channel)
+                        await self._pubsub.sunsubscribe(channel)
 
     def _on_reconnect(self, _connection: object) -> None:
         """After a lost connection, events may have been missed: close every socket so its
@@ -233,7 +235,7 @@ class EventHub:
         # Checked each second: redis-py's get_message can swallow a cancellation.
         while not self._closing:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await next_message(self._pubsub, wait=1.0)
             except (RedisError, OSError) as exc:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
@@ -248,9 +250,9 @@ class EventHub:
             if message is None:
                 continue
             kind, channel = message["type"], message["channel"]
-            if kind == "message":
+            if kind == "smessage":
                 self._deliver(channel, message["data"])
-            elif kind == "subscribe":
+            elif kind == "ssubscribe":
                 confirmation = self._confirmations.get(channel)
                 if confirmation is not None and not confirmation.done():
                     confirmation.set_result(None)

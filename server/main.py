@@ -41,7 +41,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the process's services once, for every route (`app.state.services`)."""
     settings: Settings = app.state.settings
     redis = create_redis(settings)
-    keys = Keys(settings.key_prefix)
+    keys = Keys.from_settings(settings)
     hub = EventHub(redis, keys, settings.outbox_max_bytes)
     sockets = SocketRegistry(
         redis,

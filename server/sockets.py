@@ -53,7 +53,7 @@ class SocketRegistry:
         self._max = max_per_session
         self._max_per_address = max_per_address
         self._lease_ms = int(lease_seconds * 1000)
-        self._open: dict[str, str] = {}  # socket id -> its session's sockets key
+        self._open: dict[str, str] = {}  # socket id -> its session's token
         self._addresses: dict[str, str] = {}  # socket id -> its client address (group)
         self._per_address: dict[str, int] = {}  # client address -> sockets open here
         self._open_script = redis.register_script(load_script("lib_clock.lua", "open_socket.lua"))
@@ -74,8 +74,8 @@ class SocketRegistry:
         if self._open:
             with contextlib.suppress(RedisError, OSError):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for socket_id, key in self._open.items():
-                        pipe.zrem(key, socket_id)
+                    for socket_id, token in self._open.items():
+                        pipe.zrem(self._keys.sockets(token), socket_id)
                     await pipe.execute()
             self._open.clear()
 
@@ -110,7 +110,7 @@ class SocketRegistry:
                 f"This session already has {self._max} open connections; close one and reconnect",
                 "Too many open connections for this session",
             )
-        self._open[socket_id] = key
+        self._open[socket_id] = token
 
     def _uncount_address(self, socket_id: str) -> None:
         address = self._addresses.pop(socket_id, None)
@@ -121,7 +121,8 @@ class SocketRegistry:
 
     async def close(self, socket_id: str) -> None:
         self._uncount_address(socket_id)
-        key = self._open.pop(socket_id, None)
+        token = self._open.pop(socket_id, None)
+        key = None if token is None else self._keys.sockets(token)
         if key is not None:
             try:
                 await self._redis.zrem(key, socket_id)
@@ -129,11 +130,14 @@ class SocketRegistry:
                 logger.warning("could not uncount a closed socket (its lease runs out): %s", exc)
 
     async def refresh(self) -> None:
-        """Renew the lease of every socket this process holds (one round trip)."""
-        if self._open:
-            held = list(self._open.items())
+        """Renew the lease of every socket this process holds: one round trip per partition
+        (a script's keys must share a slot on a cluster)."""
+        by_partition: dict[int, list[tuple[str, str]]] = {}
+        for socket_id, token in self._open.items():
+            by_partition.setdefault(self._keys.partition(token), []).append((socket_id, token))
+        for held in by_partition.values():
             await self._refresh_script(
-                keys=[key for _, key in held],
+                keys=[self._keys.sockets(token) for _, token in held],
                 args=[self._lease_ms, *(socket_id for socket_id, _ in held)],
             )
 

@@ -32,11 +32,11 @@ class SessionLease:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def finish_entry(redis: Redis, keys: Keys, entry_id: str) -> None:
+async def finish_entry(redis: Redis, keys: Keys, stream: str, entry_id: str) -> None:
     """Acknowledge and delete a request-stream entry that needs no more work."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xack(keys.requests, keys.group, entry_id)
-        pipe.xdel(keys.requests, entry_id)
+        pipe.xack(stream, keys.group, entry_id)
+        pipe.xdel(stream, entry_id)
         await pipe.execute()
 
 
@@ -67,22 +67,24 @@ class LeaseManager:
     async def release(self, lease: SessionLease, done: str | None = None) -> None:
         """Give the lease up if it is still ours. `done`: the request-stream entry now
         answered, acknowledged and deleted in the same round trip, after the release (the
-        stream keeps only work not done yet; see `Keys.requests`)."""
+        stream keeps only work not done yet; see `Keys.requests`). It is on the stream of the
+        session's partition, as every entry of the session is."""
         self.held.discard(lease)
         if done is None:
             await self._release(keys=[lease.key], args=[lease.owner])
             return
+        stream = self._keys.requests_for(lease.token)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._release.sha, 1, lease.key, lease.owner)
-            pipe.xack(self._keys.requests, self._keys.group, done)
-            pipe.xdel(self._keys.requests, done)
+            pipe.xack(stream, self._keys.group, done)
+            pipe.xdel(stream, done)
             try:
                 await pipe.execute()
             except NoScriptError:
                 # Redis does not know the script yet (first use, or it restarted): the
                 # commands are idempotent, so load it and do them again.
                 await self._release(keys=[lease.key], args=[lease.owner])
-                await finish_entry(self._redis, self._keys, done)
+                await finish_entry(self._redis, self._keys, stream, done)
 
     async def renew_all(self) -> None:
         """Extend every held lease; a lease found taken over is flagged lost."""

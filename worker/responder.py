@@ -248,13 +248,13 @@ class Responder:
                 recent = None if messages is None else Recent(messages, stopped_at, complete=True)
         except (RedisError, OSError, asyncio.CancelledError):
             if attempts is not None:  # not a dying worker's attempt (see `_answer`)
-                await self._store.take_back_attempt(message_id)
+                await self._store.take_back_attempt(token, message_id)
             raise
         turn = self._turn_from(token, message_id, lease, stop, recent)
         if turn is not None and turn.human.id == message_id:
             return replace(turn, finish=entry_id, attempts=attempts)
         if attempts is not None:
-            await self._store.take_back_attempt(message_id)
+            await self._store.take_back_attempt(token, message_id)
         return turn
 
     def _turn_from(
@@ -297,7 +297,7 @@ class Responder:
         # Storing the answer (add_reply.lua) deletes the count; see SessionStore.begin_attempt.
         attempts = turn.attempts
         if attempts is None:
-            attempts = await self._store.begin_attempt(turn.human.id)
+            attempts = await self._store.begin_attempt(turn.token, turn.human.id)
         if attempts > self._settings.worker_max_deliveries:
             await self._give_up(turn)
             return
@@ -306,7 +306,7 @@ class Responder:
         except (RedisError, OSError, LeaseLost, asyncio.CancelledError):
             # Redis outage, session taken over, shutdown: not a dead worker (this process is
             # still here to see it), so it does not count. Any other failure does.
-            await self._store.take_back_attempt(turn.human.id)
+            await self._store.take_back_attempt(turn.token, turn.human.id)
             raise
 
     async def _generate_and_store(self, turn: Turn) -> None:

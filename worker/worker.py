@@ -1,11 +1,15 @@
 """The worker process: reads the request stream with a consumer group and answers messages.
 
 Loops, all on one event loop:
-- read: XREADGROUP new entries while there is room, each handled by its own task;
+- read: XREADGROUP new entries from every partition's request stream while there is room,
+  each handled by its own task (one reader for all streams on a single Redis, one per stream
+  on a cluster, where one command reads one slot);
 - reclaim: XAUTOCLAIM entries left pending by a dead worker for longer than the lease;
 - heartbeat: renew this worker's session leases and reset the idle time of the entries it
   holds, so a slow generation is not mistaken for a dead worker;
-- control: requests from the servers to stop a reply, over Pub/Sub.
+- control: requests from the servers to stop a reply, over sharded Pub/Sub (a channel per
+  partition). No entry is taken before every control channel is subscribed, so a stop for
+  the first reply is not missed.
 
 An entry is acknowledged (and deleted) only after its reply is stored. Redis refusing commands
 for a while (outage.py) is retried in every loop, never a reason to exit. See
@@ -33,7 +37,7 @@ from core.config import Settings
 from core.keys import Keys
 from core.metrics import WORKER_RECLAIMS
 from core.models import is_uuid4, short
-from core.redis import create_redis, ensure_group, load_script
+from core.redis import create_redis, ensure_group, load_script, next_message, stream_groups
 from core.store import SessionStore
 from worker.backends import ModelBackend, create_backend
 from worker.leases import LeaseManager, finish_entry
@@ -57,6 +61,14 @@ def generation_slots(settings: Settings, backend: ModelBackend) -> int:
     backend can run."""
     wanted = settings.worker_concurrency or backend.default_concurrency
     return min(wanted, backend.max_concurrency or wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRef:
+    """A request-stream entry: ids are unique in one stream only, so the stream goes along."""
+
+    stream: str
+    id: str
 
 
 class WorkerFailed(RuntimeError):
@@ -96,10 +108,10 @@ class Resources:
 class Worker:
     def __init__(self, settings: Settings, backend: ModelBackend | None = None) -> None:
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys.from_settings(settings)
         self.consumer = consumer_name()
         self._backend = backend
-        self._entries: dict[str, asyncio.Task[None]] = {}
+        self._entries: dict[EntryRef, asyncio.Task[None]] = {}
         # Entries held per session, and the lock its entries take turns with (so they wait
         # here, not by polling the session's lease in Redis).
         self._sessions: dict[str, int] = {}
@@ -108,6 +120,7 @@ class Worker:
         self._slots = asyncio.Semaphore(1)
         self._max_sessions = SESSIONS_PER_SLOT
         self._room = asyncio.Event()
+        self._listening = asyncio.Event()  # every control channel subscribed
         self._shutting_down = asyncio.Event()
         self._drained = asyncio.Event()
         self._entry_outage = Episode("entries")
@@ -177,16 +190,24 @@ class Worker:
         # Taking new work stops at request_shutdown(); renewing leases and hearing stop
         # requests go on until the messages in progress are finished or handed back.
         until = self._shutting_down
+        control = asyncio.create_task(self._control_loop(r), name="control")
+        listening = asyncio.create_task(self._listening.wait())
+        shutdown = asyncio.create_task(until.wait())
+        await asyncio.wait({control, listening, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+        await _cancel([listening, shutdown])
         intake = [
-            self._loop("read", lambda: self._read_once(r), 0, until, r),
-            self._loop("reclaim", lambda: self._reclaim_once(r), self._reclaim_every, until, r),
+            self._loop("read", self._reader(r, streams), 0, until, r)
+            for streams in stream_groups(r.redis, self.keys)
         ]
+        intake.append(
+            self._loop("reclaim", lambda: self._reclaim_once(r), self._reclaim_every, until, r)
+        )
         upkeep = [
             self._loop(
                 "heartbeat", lambda: self._heartbeat_once(r), self._heartbeat_every,
                 self._drained, r,
             ),
-            asyncio.create_task(self._control_loop(r), name="control"),
+            control,
         ]  # fmt: skip
         crashed = await self._until_shutdown_or_crashed(intake + upkeep)
         await _cancel(intake)
@@ -237,30 +258,36 @@ class Worker:
         if unfinished:
             # Mark them long idle so the next XAUTOCLAIM by any worker takes them at once.
             with contextlib.suppress(RedisError, OSError):
-                await r.redis.xclaim(
-                    self.keys.requests,
-                    self.keys.group,
-                    self.consumer,
-                    min_idle_time=0,
-                    message_ids=list(unfinished),
-                    idle=self._lease_ms * 10,
-                    justid=True,
-                )
+                await self._touch(r.redis, list(unfinished), idle=self._lease_ms * 10)
             logger.info("handed back %d message(s) to the other workers", len(unfinished))
+
+    async def _touch(self, redis: Redis, entries: list[EntryRef], idle: int | None = None) -> None:
+        """XCLAIM the entries for this consumer again (one command per stream): their idle
+        time restarts (a slow generation is not taken for a dead worker), or is set to `idle`
+        (handed back: the next XAUTOCLAIM takes them at once)."""
+        by_stream: dict[str, list[Any]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        for stream, ids in by_stream.items():
+            await redis.xclaim(
+                stream,
+                self.keys.group,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=ids,
+                idle=idle,
+                justid=True,
+            )
 
     async def _leave_group(self, redis: Redis) -> None:
         """Remove this consumer from the group if it holds nothing (keeps XINFO tidy)."""
         with contextlib.suppress(RedisError, OSError):
-            pending = await redis.xpending_range(
-                self.keys.requests,
-                self.keys.group,
-                min="-",
-                max="+",
-                count=1,
-                consumername=self.consumer,
-            )
-            if not pending:
-                await redis.xgroup_delconsumer(self.keys.requests, self.keys.group, self.consumer)
+            for stream in self.keys.streams:
+                pending = await redis.xpending_range(
+                    stream, self.keys.group, min="-", max="+", count=1, consumername=self.consumer
+                )
+                if not pending:
+                    await redis.xgroup_delconsumer(stream, self.keys.group, self.consumer)
 
     async def _forever(
         self,
@@ -302,7 +329,13 @@ class Worker:
         entries = self._max_sessions * ENTRIES_PER_SESSION_ROOM - len(self._entries)
         return min(sessions, entries)
 
-    async def _read_once(self, r: Resources) -> None:
+    def _reader(self, r: Resources, streams: tuple[str, ...]) -> Callable[[], Awaitable[None]]:
+        return lambda: self._read_once(r, streams)
+
+    async def _read_once(self, r: Resources, streams: tuple[str, ...]) -> None:
+        """One XREADGROUP over `streams`. COUNT is per stream, so the room is shared out over
+        all partitions; a read can take up to one entry per partition past the room (each
+        stream gives at least one), a bound of REQUEST_PARTITIONS."""
         room = self._read_room()
         if room <= 0:
             self._room.clear()
@@ -311,19 +344,24 @@ class Worker:
         batches: Any = await r.redis.xreadgroup(
             self.keys.group,
             self.consumer,
-            {self.keys.requests: ">"},
-            count=room,
+            dict.fromkeys(streams, ">"),
+            count=max(1, room // self.keys.partitions),
             block=self.settings.worker_block_ms,
         )
-        for _stream, entries in batches or ():
+        for stream, entries in batches or ():
             for entry_id, fields in entries:
-                self._dispatch(r, entry_id, fields)
+                self._dispatch(r, EntryRef(stream, entry_id), fields)
 
     async def _reclaim_once(self, r: Resources) -> None:
+        for stream in self.keys.streams:
+            await self._reclaim_stream(r, stream)
+            await self._forget_dead_consumers(r.redis, stream)
+
+    async def _reclaim_stream(self, r: Resources, stream: str) -> None:
         start = "0-0"
         while (room := self._read_room()) > 0:
             reply: Any = await r.redis.xautoclaim(
-                self.keys.requests,
+                stream,
                 self.keys.group,
                 self.consumer,
                 min_idle_time=self._lease_ms,
@@ -333,32 +371,31 @@ class Worker:
             start, claimed = reply[0], reply[1]
             for entry_id, fields in claimed:
                 WORKER_RECLAIMS.inc()
-                deliveries = await self._deliveries(r.redis, entry_id)
+                deliveries = await self._deliveries(r.redis, stream, entry_id)
                 logger.info(
                     "reclaimed %s from a worker that stopped answering (delivery %d)",
                     entry_id,
                     deliveries,
                 )
-                self._dispatch(r, entry_id, fields)
+                self._dispatch(r, EntryRef(stream, entry_id), fields)
             if start == "0-0":
                 break
-        await self._forget_dead_consumers(r.redis)
 
-    async def _deliveries(self, redis: Redis, entry_id: str) -> int:
+    async def _deliveries(self, redis: Redis, stream: str, entry_id: str) -> int:
         pending: Any = await redis.xpending_range(
-            self.keys.requests, self.keys.group, min=entry_id, max=entry_id, count=1
+            stream, self.keys.group, min=entry_id, max=entry_id, count=1
         )
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    async def _forget_dead_consumers(self, redis: Redis) -> None:
+    async def _forget_dead_consumers(self, redis: Redis, stream: str) -> None:
         """Drop consumers that hold nothing and have not been seen for a long time (workers
         that were killed), so the group's consumer list does not grow forever."""
         silent_for = self._lease_ms * 10
-        consumers: Any = await redis.xinfo_consumers(self.keys.requests, self.keys.group)
+        consumers: Any = await redis.xinfo_consumers(stream, self.keys.group)
         for consumer in consumers:
             name = consumer["name"]
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > silent_for:
-                await redis.xgroup_delconsumer(self.keys.requests, self.keys.group, name)
+                await redis.xgroup_delconsumer(stream, self.keys.group, name)
                 logger.info("removed consumer %s, silent for %d s", name, consumer["idle"] // 1000)
 
     async def _heartbeat_once(self, r: Resources) -> None:
@@ -366,14 +403,7 @@ class Worker:
         if not self._shutting_down.is_set():
             await self._announce_alive(r)
         if self._entries:
-            await r.redis.xclaim(
-                self.keys.requests,
-                self.keys.group,
-                self.consumer,
-                min_idle_time=0,
-                message_ids=list(self._entries),
-                justid=True,
-            )
+            await self._touch(r.redis, list(self._entries))
 
     async def _announce_alive(self, r: Resources) -> None:
         """Liveness for the servers (their `queued` notice): this worker's heartbeat time, on
@@ -382,19 +412,27 @@ class Worker:
         await r.announce(keys=[self.keys.workers_alive], args=[self.consumer, 10 * self._lease_ms])
 
     async def _control_loop(self, r: Resources) -> None:
+        """Listen on every partition's control channel; `_listening` is set once Redis has
+        confirmed them all (the intake waits for it)."""
         outage = Episode("control")
+        channels = self.keys.control_channels
         while not self._drained.is_set():
             try:
                 async with r.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.control)
-                    outage.ended()
+                    await pubsub.ssubscribe(*channels)
+                    confirmed: set[str] = set()
                     # Checked each second: redis-py's get_message can swallow a cancellation.
                     while not self._drained.is_set():
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None:
+                        message = await next_message(pubsub, wait=1.0)
+                        if message is None:
+                            continue
+                        if message["type"] == "smessage":
                             self._on_control(r, message["data"])
+                        elif message["type"] == "ssubscribe":
+                            confirmed.add(message["channel"])
+                            if len(confirmed) == len(channels):
+                                outage.ended()
+                                self._listening.set()
             except (RedisError, OSError) as exc:
                 await asyncio.sleep(max(1.0, outage.failed(exc)))
 
@@ -409,17 +447,17 @@ class Worker:
 
     # --- Entries ---------------------------------------------------------------------------
 
-    def _dispatch(self, r: Resources, entry_id: str, fields: dict[str, str] | None) -> None:
-        if entry_id in self._entries:
+    def _dispatch(self, r: Resources, entry: EntryRef, fields: dict[str, str] | None) -> None:
+        if entry in self._entries:
             return
         fields = fields or {}
         token = fields.get("token", "")
-        task = asyncio.create_task(self._handle(r, entry_id, fields), name=f"entry-{entry_id}")
-        self._entries[entry_id] = task
+        task = asyncio.create_task(self._handle(r, entry, fields), name=f"entry-{entry.id}")
+        self._entries[entry] = task
         self._sessions[token] = self._sessions.get(token, 0) + 1
 
         def done(_: asyncio.Task[None]) -> None:
-            self._entries.pop(entry_id, None)
+            self._entries.pop(entry, None)
             left = self._sessions.get(token, 1) - 1
             if left > 0:
                 self._sessions[token] = left
@@ -437,12 +475,13 @@ class Worker:
         async with lock:
             yield
 
-    async def _handle(self, r: Resources, entry_id: str, fields: dict[str, str]) -> None:
+    async def _handle(self, r: Resources, entry: EntryRef, fields: dict[str, str]) -> None:
         token, message_id = fields.get("token", ""), fields.get("id", "")
+        entry_id = entry.id
         try:
             if not (is_uuid4(token) and is_uuid4(message_id)):
                 logger.error("dropping malformed stream entry %s: %s", entry_id, redacted(fields))
-                await finish_entry(r.redis, self.keys, entry_id)
+                await finish_entry(r.redis, self.keys, entry.stream, entry_id)
                 return
             async with self._turn(token):
                 await self._answer_entry(r, entry_id, token, message_id)

@@ -17,13 +17,13 @@
 -- `$.cancelled`): its reply is not stored. (A message dropped by the history cap while its
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
 -- With ARGV[9], every outcome but -1 finishes the entry.
--- Cost of a stored reply that finishes its entry: GET, PUBLISH of ARGV[10] if given, JSON.GET, JSON.ARRAPPEND, JSON.SET,
--- EXPIRE, PUBLISH, one DEL of the counter and the lease, XACKDEL (XACK + XDEL before Redis 8.2).
+-- Cost of a stored reply that finishes its entry: GET, SPUBLISH of ARGV[10] if given, JSON.GET, JSON.ARRAPPEND, JSON.SET,
+-- EXPIRE, SPUBLISH, one DEL of the counter and the lease, XACKDEL (XACK + XDEL before Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
 end
 if ARGV[10] ~= '' then
-  redis.call('PUBLISH', ARGV[5], ARGV[10])
+  redis.call('SPUBLISH', ARGV[5], ARGV[10])
 end
 
 local function finish(outcome)
@@ -65,5 +65,5 @@ local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])[1]
 redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1))
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'), length)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('SPUBLISH', ARGV[5], ARGV[6])
 return finish(1)

@@ -1,5 +1,5 @@
 -- A worker's heartbeat in the live-workers set, on Redis's clock (the same clock
--- add_human_message.lua counts live workers with); members silent too long are dropped.
+-- count_workers.lua counts live workers with); members silent too long are dropped.
 -- Needs the prelude lib_clock.lua.
 -- KEYS[1] live-workers sorted set; ARGV[1] consumer name, ARGV[2] forget after (ms)
 local now = now_ms()

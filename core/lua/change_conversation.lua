@@ -46,9 +46,9 @@ elseif change == 'deleted' then
 else
   return redis.error_reply('unknown change ' .. change)
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('SPUBLISH', ARGV[4], ARGV[5])
 if change ~= 'title' then
   redis.call('SET', KEYS[2], string.format('%d', now_stamp()), 'EX', ARGV[3])
-  redis.call('PUBLISH', ARGV[6], ARGV[7])
+  redis.call('SPUBLISH', ARGV[6], ARGV[7])
 end
 return 1

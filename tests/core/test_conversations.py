@@ -47,7 +47,7 @@ async def test_a_long_first_line_is_cut_and_a_set_title_is_kept(store: SessionSt
 async def test_set_title_renames_and_tells_the_sockets(store: SessionStore, redis: Redis) -> None:
     session = await store.create("Ann")
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.ssubscribe(store.keys.events(session.token))
         await pubsub.get_message(timeout=1)
         assert await store.set_title(session.token, "Trip to Oslo") is True
         event = await pubsub.get_message(timeout=2)
@@ -71,7 +71,7 @@ async def test_reset_empties_the_history_and_a_late_reply_is_not_stored(
     assert human is not None
     await redis.set(store.keys.lease(session.token), "me")
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.control)
+        await pubsub.ssubscribe(store.keys.control_for(session.token))
         await pubsub.get_message(timeout=1)
         assert await store.reset(session.token) is True
         stop = await pubsub.get_message(timeout=2)
@@ -94,7 +94,7 @@ async def test_delete_removes_the_session_and_its_index_entry(
     await redis.set(store.keys.lease(session.token), "me")
     assert await store.index.tokens(user_id) == [session.token]
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.ssubscribe(store.keys.events(session.token))
         await pubsub.get_message(timeout=1)
         assert await store.delete(session.token) is True
         event = await pubsub.get_message(timeout=2)

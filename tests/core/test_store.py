@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import core.models
 import core.store
@@ -43,7 +44,7 @@ async def test_human_message_is_stored_queued_and_announced_together(
 ) -> None:
     session = await store.create("Ann")
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.ssubscribe(store.keys.events(session.token))
         await pubsub.get_message(timeout=1)  # the subscribe confirmation
         message = await sessions.add_human_message(store, session.token, "hello")
         assert message is not None
@@ -53,7 +54,7 @@ async def test_human_message_is_stored_queued_and_announced_together(
     assert json.loads(announced["data"])["id"] == message.id
     stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["hello"]
-    entries: Any = await redis.xrange(store.keys.requests)
+    entries: Any = await redis.xrange(store.keys.requests_for(session.token))
     assert entries[-1][1] == {"token": session.token, "id": message.id}
 
 
@@ -63,7 +64,7 @@ async def test_message_to_an_expired_session_is_neither_stored_nor_queued(
     token = new_id()
     assert await sessions.add_human_message(store, token, "hello?") is None
     assert await redis.exists(store.keys.session(token)) == 0
-    assert await redis.xlen(store.keys.requests) == 0
+    assert await sessions.queued_entries(redis, store.keys) == 0
 
 
 async def test_messages_renew_the_ttl(redis_url: str, redis: Redis) -> None:
@@ -95,7 +96,7 @@ async def test_a_reply_is_stored_once_and_only_by_the_lease_holder(
         event = MessageEvent(id=message.id, reply_to=human.id, msg="a", timestamp=message.timestamp)
         return message, event
 
-    attempts = store.keys.attempts(human.id)
+    attempts = store.keys.attempts(session.token, human.id)
     await redis.set(attempts, 1)
     assert await store.add_reply(session.token, *reply(), "someone-else") is ReplyOutcome.LEASE_LOST
     assert await redis.exists(attempts) == 1  # not answered: the attempt count stays
@@ -116,7 +117,7 @@ async def test_stop_request_is_remembered_and_broadcast(store: SessionStore, red
     token = new_id()
     assert (await store.messages_and_stop(token))[1] is None
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.control)
+        await pubsub.ssubscribe(store.keys.control_for(token))
         await pubsub.get_message(timeout=1)
         await store.request_stop(token)
         command = await pubsub.get_message(timeout=2)
@@ -191,7 +192,7 @@ async def test_session_rate_limit_refuses_without_writing(redis_url: str, redis:
     assert 1 <= refused.retry_after <= 20
     stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["m0", "m1", "m2"]
-    assert await redis.xlen(store.keys.requests) == 3
+    assert await redis.xlen(store.keys.requests_for(session.token)) == 3
     # Another session is not affected; add_human_message (used by tools) is never limited.
     other = await store.create("Bob")
     assert isinstance(await store.queue_message(other.token, "hi"), Queued)
@@ -205,7 +206,7 @@ async def test_address_rate_limit_spans_sessions(redis_url: str, redis: Redis) -
     results = [await store.queue_message(s.token, "hi", address="192.0.2.7") for s in sessions]
     assert [type(r).__name__ for r in results] == ["Queued", "Queued", "RateLimited"]
     # The refusal by the address limit did not use up the session's own allowance.
-    assert await redis.exists(store.keys.rate("msg-session", sessions[2].token)) == 0
+    assert await redis.exists(store.keys.session_rate(sessions[2].token)) == 0
     assert isinstance(
         await store.queue_message(sessions[2].token, "hi", address="192.0.2.8"), Queued
     )
@@ -248,6 +249,39 @@ async def test_queued_reports_whether_a_worker_is_alive(
     assert isinstance(alive, Queued) and alive.workers_alive is True
 
 
+async def test_a_stored_message_is_acked_even_when_the_steps_after_it_fail(
+    store: SessionStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's index and the live-workers count sit in other slots and are written after
+    the message is stored: their failure must not turn a stored message into an error (the
+    client would send it again)."""
+    session = await store.create("Ann", user_id="u-1")
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(store.index, "touch", refused)
+    monkeypatch.setattr(store, "_count_workers", refused)
+    queued = await store.queue_message(session.token, "kept")
+    assert isinstance(queued, Queued)
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["kept"]
+
+
+async def test_the_address_limit_is_a_step_of_its_own_outside_the_sessions_slot(
+    redis_url: str, redis: Redis
+) -> None:
+    settings = make_settings(redis_url, rate_limit_address_messages=1)
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    assert isinstance(await store.queue_message(session.token, "a", address="192.0.2.9"), Queued)
+    refused = await store.queue_message(session.token, "b", address="192.0.2.9")
+    assert isinstance(refused, RateLimited)
+    assert await redis.exists(store.keys.rate("msg-address", "192.0.2.9")) == 1
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["a"]
+
+
 # --- Backlog cap, stream length, Redis's clock --------------------------------------------------
 
 
@@ -260,7 +294,7 @@ async def test_backlog_cap_refuses_and_writes_nothing(redis_url: str, redis: Red
     assert await store.queue_message(session.token, "one too many") == BacklogFull(3)
     stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["q0", "q1", "q2"]
-    assert await redis.xlen(store.keys.requests) == 3
+    assert await redis.xlen(store.keys.requests_for(session.token)) == 3
     # An answer makes room for exactly one more.
     first = queued[0]
     assert isinstance(first, Queued)
@@ -275,7 +309,7 @@ async def test_the_request_stream_is_never_trimmed(redis_url: str, redis: Redis)
     session = await store.create("Ann")
     for n in range(1500):
         await sessions.add_human_message(store, session.token, f"m{n}")
-    assert await redis.xlen(store.keys.requests) == 1500
+    assert await redis.xlen(store.keys.requests_for(session.token)) == 1500
 
 
 async def test_a_skewed_server_clock_does_not_stamp_messages_or_stops(
@@ -301,10 +335,11 @@ async def test_a_skewed_server_clock_does_not_stamp_messages_or_stops(
 
 async def _queued_entry(store: SessionStore, redis: Redis, token: str) -> tuple[Message, str]:
     """A human message, and its request-stream entry read by a consumer (so it is pending)."""
-    await redis.xgroup_create(store.keys.requests, store.keys.group, id="0", mkstream=True)
+    stream = store.keys.requests_for(token)
+    await redis.xgroup_create(stream, store.keys.group, id="0", mkstream=True)
     human = await sessions.add_human_message(store, token, "q")
     assert human is not None
-    read: Any = await redis.xreadgroup(store.keys.group, "c", {store.keys.requests: ">"})
+    read: Any = await redis.xreadgroup(store.keys.group, "c", {stream: ">"})
     return human, read[0][1][0][0]
 
 
@@ -329,9 +364,10 @@ async def test_a_reply_that_finishes_its_entry_releases_the_lease_and_deletes_th
     stored = await store.add_reply(session.token, *_bot_reply(human), "me", finish=entry)
 
     assert stored is outcome
-    assert await redis.exists(lease, store.keys.attempts(human.id)) == 0
-    assert await redis.xlen(store.keys.requests) == 0
-    pending: Any = await redis.xpending(store.keys.requests, store.keys.group)
+    assert await redis.exists(lease, store.keys.attempts(session.token, human.id)) == 0
+    stream = store.keys.requests_for(session.token)
+    assert await redis.xlen(stream) == 0
+    pending: Any = await redis.xpending(stream, store.keys.group)
     assert pending["pending"] == 0
 
 
@@ -347,8 +383,9 @@ async def test_a_reply_after_the_lease_was_lost_leaves_the_entry_to_the_new_hold
 
     assert stored is ReplyOutcome.LEASE_LOST
     assert await redis.get(lease) == "the-new-holder"
-    assert await redis.xlen(store.keys.requests) == 1
-    pending: Any = await redis.xpending(store.keys.requests, store.keys.group)
+    stream = store.keys.requests_for(session.token)
+    assert await redis.xlen(stream) == 1
+    pending: Any = await redis.xpending(stream, store.keys.group)
     assert pending["pending"] == 1
 
 
@@ -363,7 +400,7 @@ async def test_a_reply_to_a_deleted_session_still_finishes_its_entry(
     stored = await store.add_reply(session.token, *_bot_reply(human), "me", finish=entry)
 
     assert stored is ReplyOutcome.SESSION_GONE
-    assert await redis.xlen(store.keys.requests) == 0
+    assert await redis.xlen(store.keys.requests_for(session.token)) == 0
     assert await redis.exists(store.keys.lease(session.token)) == 0
 
 
@@ -383,16 +420,17 @@ async def test_reading_a_turn_counts_the_expected_messages_attempt_in_the_same_s
     assert [m.id for m in first.messages] == [human.id]
     assert first.stopped_at is not None and first.complete
     assert (first.attempts, second.attempts, uncounted.attempts) == (1, 2, None)
-    assert await redis.get(store.keys.attempts(human.id)) == "2"
-    assert 0 < await redis.ttl(store.keys.attempts(human.id)) <= settings.session_ttl_seconds
+    attempts = store.keys.attempts(session.token, human.id)
+    assert await redis.get(attempts) == "2"
+    assert 0 < await redis.ttl(attempts) <= settings.session_ttl_seconds
 
 
 async def test_reading_a_turn_of_a_missing_session_counts_nothing(
     store: SessionStore, redis: Redis
 ) -> None:
-    message_id = new_id()
-    assert await store.recent_messages(new_id(), 10, attempt=message_id) is None
-    assert await redis.exists(store.keys.attempts(message_id)) == 0
+    message_id, token = new_id(), new_id()
+    assert await store.recent_messages(token, 10, attempt=message_id) is None
+    assert await redis.exists(store.keys.attempts(token, message_id)) == 0
 
 
 async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
@@ -404,7 +442,7 @@ async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
     rest = core.models.DeltaEvent(id=message.id, reply_to=human.id, delta="the rest")
     await redis.set(store.keys.lease(session.token), "me")
     async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events(session.token))
+        await pubsub.ssubscribe(store.keys.events(session.token))
         await pubsub.get_message(timeout=1)
         lost = await store.add_reply(session.token, message, event, "other", delta=rest)
         stored = await store.add_reply(session.token, message, event, "me", delta=rest)

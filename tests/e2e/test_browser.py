@@ -78,7 +78,7 @@ class Harness:
         self.settings = settings
         self.log_dir = log_dir
         self.env = settings_env(settings)
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys.from_settings(settings)
         self.worker = WorkerChild("worker", self.env, log_dir)
         self.server = ServerChild("server-1", self.env, log_dir)
         self.port = self.server.port

@@ -50,7 +50,7 @@ async def test_json_and_streams_and_aof_survive_a_restart(tmp_path: Path) -> Non
         store = SessionStore(redis, settings)
         messages = await sessions.messages(store, session.token)
         ttl = await redis.ttl(store.keys.session(session.token))
-        queued = await redis.xlen(store.keys.requests)
+        queued = await redis.xlen(store.keys.requests_for(session.token))
         await redis.aclose()
         assert restarted.running
     assert messages is not None and [m.msg for m in messages] == ["remember me"]

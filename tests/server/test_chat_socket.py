@@ -133,7 +133,7 @@ async def test_bad_frames_get_an_error_and_lose_nothing(
         assert "reply_to" not in error
         # Nothing half-written: no history entry, no stream entry, no ack.
         assert (await stack.history(token))["messages"] == []
-        assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+        assert await redis.xlen(stack.keys.requests_for(token)) == 0
         assert [e["type"] for e in chat.events] == ["error"]
         # The connection and the session are intact: the next message works.
         await chat.send("still fine?")

@@ -268,11 +268,11 @@ async def test_deleting_while_a_reply_streams_closes_the_sockets_and_stores_noth
             assert not [e for e in ws.events if e["type"] == "message"]
     # The worker's reply is never stored, and the stream entry is acknowledged and gone.
     async with asyncio.timeout(10):
-        while await redis.xlen(f"{prefix}:requests") or await redis.exists(
-            f"{prefix}:lock:{token}"
+        while await redis.xlen(stack.keys.requests_for(token)) or await redis.exists(
+            stack.keys.lease(token)
         ):
             await asyncio.sleep(0.05)
-    pending: Any = await redis.xpending(f"{prefix}:requests", f"{prefix}:workers")
+    pending: Any = await redis.xpending(stack.keys.requests_for(token), stack.keys.group)
     assert pending["pending"] == 0
     left = [name async for name in redis.scan_iter(match=f"{prefix}:*{token}*")]
     assert not [name for name in left if ":session:" in name or ":sockets:" in name], left

@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.config import Settings
+from core.keys import Keys
 from core.models import new_id
 from launcher.redis_server import EmbeddedRedis, free_port
 from server.main import create_app
@@ -64,7 +65,7 @@ async def test_token_creates_a_session(
     assert session["name"] == "Ann"
     assert session["messages"] == []
     assert datetime.fromisoformat(session["session_start"]).utcoffset() is not None
-    key = f"{stack_settings.key_prefix}:session:{session['token']}"
+    key = Keys.from_settings(stack_settings).session(session["token"])
     ttl = await redis.ttl(key)
     assert stack_settings.session_ttl_seconds - 5 < ttl <= stack_settings.session_ttl_seconds
 
@@ -140,7 +141,7 @@ async def test_activity_renews_the_ttl(
     stack: Stack, redis: Redis, stack_settings: Settings
 ) -> None:
     token = await stack.new_session()
-    key = f"{stack_settings.key_prefix}:session:{token}"
+    key = Keys.from_settings(stack_settings).session(token)
     await redis.expire(key, 5)
     async with stack.socket(token) as chat:
         await redis.expire(key, 5)
@@ -213,7 +214,7 @@ async def test_unusable_names_get_400_and_create_nothing(
     response = await client.post(f"/token?{raw_query}")
     assert response.status_code == 400, response.text
     assert response.json() == {"detail": {"loc": "name", "msg": message}}
-    assert await redis.keys(f"{stack_settings.key_prefix}:session:*") == []
+    assert await redis.keys(f"{stack_settings.key_prefix}:*:session:*") == []
 
 
 async def test_huge_queries_are_refused_without_a_500(stack: Stack) -> None:
@@ -256,7 +257,7 @@ async def test_an_expired_token_gets_400(
     client: httpx.AsyncClient, redis: Redis, stack_settings: Settings
 ) -> None:
     token = (await client.post("/token", params={"name": "Ann"})).json()["token"]
-    await redis.delete(f"{stack_settings.key_prefix}:session:{token}")
+    await redis.delete(Keys.from_settings(stack_settings).session(token))
     response = await client.get("/refresh_token", params={"token": token})
     assert response.status_code == 400
 

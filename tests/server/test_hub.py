@@ -45,7 +45,7 @@ async def test_one_channel_per_session_while_a_socket_is_open(
     token, other = new_id(), new_id()
     async with hub.subscribe(token) as tab1, hub.subscribe(token) as tab2, hub.subscribe(other):
         assert hub.channels == 2
-        await redis.publish(settings_keys.events(token), "hello")
+        await redis.spublish(settings_keys.events(token), "hello")
         assert await asyncio.wait_for(tab1.get(), 2) == "hello"
         assert await asyncio.wait_for(tab2.get(), 2) == "hello"
     assert hub.channels == 0
@@ -58,7 +58,7 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
         raise RedisConnectionError("Redis went away")
 
     assert hub._pubsub is not None
-    monkeypatch.setattr(hub._pubsub, "subscribe", refuse)
+    monkeypatch.setattr(hub._pubsub, "ssubscribe", refuse)
     with pytest.raises(RedisConnectionError):
         async with hub.subscribe(new_id()):
             pass
@@ -74,7 +74,7 @@ async def test_a_slow_socket_overflows_instead_of_growing_without_bound(
     try:
         async with hub.subscribe(token) as slow:
             for n in range(5):
-                await redis.publish(settings_keys.events(token), str(n) * 1000)
+                await redis.spublish(settings_keys.events(token), str(n) * 1000)
             await asyncio.sleep(0.3)
             assert slow.overflowed
     finally:

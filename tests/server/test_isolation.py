@@ -61,7 +61,7 @@ async def test_another_sessions_ids_used_in_mine_do_nothing_to_it(
         await theirs.send("B's question")
         b_ack = await theirs.until("ack")
         await theirs.until("message")
-    before: Any = await redis.json().get(f"{stack.settings.key_prefix}:session:{b}")
+    before: Any = await redis.json().get(stack.keys.session(b))
     async with stack.socket(a) as mine, stack.socket(b) as watching:
         for frame in (
             {"type": "message", "msg": "x", "client_id": b_ack["id"]},
@@ -70,7 +70,7 @@ async def test_another_sessions_ids_used_in_mine_do_nothing_to_it(
             await mine.send(json.dumps(frame))
             await mine.until("message")
         assert await watching.silence(0.3) == []
-    after: Any = await redis.json().get(f"{stack.settings.key_prefix}:session:{b}")
+    after: Any = await redis.json().get(stack.keys.session(b))
     assert after == before
     mine_now = await stack.history(a)
     assert [m["msg"] for m in mine_now["messages"]] == ["x", "echo: x", "y", "echo: y"]
@@ -84,12 +84,7 @@ async def test_every_key_of_a_session_is_named_by_its_own_token(stack: Stack, re
         await mine.until("message")
     prefix = stack.settings.key_prefix
     keys: Any = await redis.keys(f"{prefix}:*")
-    per_session = [
-        key
-        for key in keys
-        if key.split(":")[1] in ("session", "sockets", "lock", "stop", "events")
-        or key.startswith(f"{prefix}:rate:msg-session:")
-    ]
+    per_session = [key for key in keys if stack.keys.kind_of(key) is not None]
     assert per_session, "session A left keys"
     assert all(key.endswith(a) or key.endswith(b) for key in per_session)
-    assert [key for key in per_session if key.endswith(b)] == [f"{prefix}:session:{b}"]
+    assert [key for key in per_session if key.endswith(b)] == [stack.keys.session(b)]

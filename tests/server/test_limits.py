@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.config import Settings
+from core.keys import Keys
 from server.__main__ import WS_MAX_FRAME_BYTES
 from server.main import create_app
 from tests.conftest import make_settings
@@ -91,7 +92,7 @@ async def test_a_flood_is_rate_limited_and_leaves_no_trace(
         )
     # Nothing half-written: exactly the acknowledged messages are stored and queued.
     assert [m["msg"] for m in history["messages"]] == [f"flood {n}" for n in range(5)]
-    assert await redis.xlen(f"{settings.key_prefix}:requests") == 5
+    assert await redis.xlen(Keys.from_settings(settings).requests_for(token)) == 5
 
 
 async def test_default_limits_never_limit_normal_chat(stack: Stack) -> None:
@@ -258,7 +259,7 @@ async def test_too_many_sockets_across_servers_then_one_closes(
             await second.ws.close()
             # The closed socket no longer counts: a new one is served.
             async with asyncio.timeout(10):
-                while await redis.zcard(f"{settings.key_prefix}:sockets:{token}") > 1:
+                while await redis.zcard(Keys.from_settings(settings).sockets(token)) > 1:
                     await asyncio.sleep(0.02)
             async with one.socket(token) as fresh:
                 await fresh.send("hello")
@@ -275,7 +276,7 @@ async def test_sockets_of_a_crashed_server_stop_counting(
     settings = limited(redis_url, model_server, max_sockets_per_session=1)
     async with running_stack(settings, workers=0) as stack:
         token = await stack.new_session()
-        key = f"{settings.key_prefix}:sockets:{token}"
+        key = Keys.from_settings(settings).sockets(token)
         # What a server that died leaves behind: a member whose lease ran out.
         await redis.zadd(key, {"dead-server-socket": int(time.time() * 1000) - 1})
         async with stack.socket(token) as chat:
@@ -290,7 +291,7 @@ async def test_the_server_renews_its_socket_leases(
     settings = limited(redis_url, model_server, max_sockets_per_session=3)
     async with running_stack(settings, workers=0) as stack:
         token = await stack.new_session()
-        key = f"{settings.key_prefix}:sockets:{token}"
+        key = Keys.from_settings(settings).sockets(token)
         async with stack.socket(token):
             held: Any = await redis.zrange(key, 0, -1, withscores=True)
             [(member, before)] = held

@@ -34,7 +34,7 @@ def robust(redis_url: str, model_server: ModelServer, **overrides: Any) -> Setti
 
 
 async def open_sockets(redis: Redis, settings: Settings, token: str) -> int:
-    return int(await redis.zcard(Keys(settings.key_prefix).sockets(token)))
+    return int(await redis.zcard(Keys.from_settings(settings).sockets(token)))
 
 
 async def until(check: Any, timeout: float, what: str) -> None:
@@ -145,14 +145,14 @@ async def test_an_outbox_over_its_byte_limit_closes_the_socket_with_1013(
     settings = robust(redis_url, model_server, outbox_max_bytes=256 * 1024)
     async with running_stack(settings, workers=0) as stack:
         token = await stack.new_session()
-        keys = Keys(settings.key_prefix)
+        keys = Keys.from_settings(settings)
         slow = await RawSocket.connect(f"{stack.server.ws_url}/chat?token={token}")
         try:
             # 6 MB of events at once, to a client that reads nothing for a second: more than
             # the kernel's buffers and the outbox's 256 KiB together.
             event = {"type": "token", "id": new_id(), "reply_to": new_id(), "delta": "x" * 20_000}
             for _ in range(300):
-                await redis.publish(keys.events(token), json.dumps(event))
+                await redis.spublish(keys.events(token), json.dumps(event))
             await asyncio.sleep(1)
             received = await slow.read_until_closed(timeout=30)  # now it reads
         finally:
@@ -191,9 +191,9 @@ async def test_stop_commands_are_rate_limited_and_not_passed_on(
     settings = robust(
         redis_url, model_server, rate_limit_stop_requests=2, rate_limit_window_seconds=60
     )
-    keys = Keys(settings.key_prefix)
+    keys = Keys.from_settings(settings)
     async with running_stack(settings, workers=0) as stack, redis.pubsub() as control:
-        await control.subscribe(keys.control)
+        await control.ssubscribe(*keys.control_channels)
         token = await stack.new_session()
         async with stack.socket(token) as chat:
             for _ in range(4):
@@ -204,7 +204,7 @@ async def test_stop_commands_are_rate_limited_and_not_passed_on(
         # Every stop was handled before the ack of the next message: the channel has them all.
         passed = 0
         while (message := await control.get_message(timeout=0.5)) is not None:
-            passed += message["type"] == "message"
+            passed += message["type"] == "smessage"
     assert passed == 2
     for refusal in refusals:
         assert refusal["code"] == "rate_limited"

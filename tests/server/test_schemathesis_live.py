@@ -53,7 +53,7 @@ async def api_key(live_settings: Settings) -> str:
     """A user's key, sent with every request, so the routes that need one are reached."""
     redis = create_redis(live_settings)
     try:
-        _, key = await AccountStore(redis, Keys(live_settings.key_prefix)).register("Fuzz")
+        _, key = await AccountStore(redis, Keys.from_settings(live_settings)).register("Fuzz")
     finally:
         await redis.aclose()
     return key

@@ -14,7 +14,7 @@ from tests.support.stack import Stack, running_stack
 
 async def assert_nothing_stored(stack: Stack, redis: Redis, token: str) -> None:
     assert (await stack.history(token))["messages"] == []
-    assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+    assert await redis.xlen(stack.keys.requests_for(token)) == 0
 
 
 @pytest.mark.parametrize("frame", ["/help", '{"type": "message", "msg": "/help"}', "/help\r\n"])
@@ -151,7 +151,7 @@ async def test_title_renames_the_conversation(stack: Stack, redis: Redis) -> Non
     session = await stack.history(token)
     assert session["title"] == "Trip to Rome"
     assert session["messages"] == []
-    assert await redis.xlen(f"{stack.settings.key_prefix}:requests") == 0
+    assert await redis.xlen(stack.keys.requests_for(token)) == 0
 
 
 async def test_a_title_set_by_command_is_kept_over_the_first_message(stack: Stack) -> None:

@@ -214,9 +214,9 @@ async def test_a_reader_too_slow_for_its_outbox_still_gets_the_reply_from_the_hi
                     break
                 await asyncio.sleep(0.05)
             event = {"type": "token", "id": new_id(), "reply_to": message_id, "delta": "x" * 20_000}
-            channel = Keys(settings.key_prefix).events(token)
+            channel = Keys.from_settings(settings).events(token)
             for _ in range(300):
-                await redis.publish(channel, json.dumps(event))
+                await redis.spublish(channel, json.dumps(event))
             await asyncio.sleep(1)
             stack.add_worker()
             received = (await slow.read_until_closed(timeout=30)).decode(errors="replace")

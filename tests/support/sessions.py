@@ -4,6 +4,13 @@ the responder's own history read, so these live here, not in the store."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from core.keys import Keys
 from core.models import Message
 from core.store import Queued, SessionStore
 
@@ -24,3 +31,18 @@ async def messages(store: SessionStore, token: str) -> list[Message] | None:
     """The session's messages, None when it does not exist (its TTL is left as it is)."""
     found, _ = await store.messages_and_stop(token)
     return found
+
+
+async def queued_entries(redis: Redis, keys: Keys) -> int:
+    """Entries in every partition's request stream (answered ones are deleted)."""
+    return sum([int(await redis.xlen(stream)) for stream in keys.streams])
+
+
+async def pending_entries(redis: Redis, keys: Keys) -> int:
+    """Entries taken by a worker and not yet answered, over every partition's stream."""
+    total = 0
+    for stream in keys.streams:
+        with contextlib.suppress(ResponseError):  # no stream or group yet: none pending
+            summary: Any = await redis.xpending(stream, keys.group)
+            total += int(summary["pending"])
+    return total

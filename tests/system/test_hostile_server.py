@@ -104,7 +104,7 @@ async def good_user(server: ServerChild, messages: int) -> int:
 
 
 async def sockets_counted(redis: Redis, settings: Settings, tokens: list[str]) -> int:
-    keys = Keys(settings.key_prefix)
+    keys = Keys.from_settings(settings)
     return sum([int(await redis.zcard(keys.sockets(token))) for token in tokens])
 
 
@@ -354,12 +354,12 @@ async def _first_words(ws: websockets.ClientConnection) -> list[str]:
 
 async def test_stop_flood(hostile_settings: Settings, tmp_path: Path, redis: Redis) -> None:
     stops = 500
-    keys = Keys(hostile_settings.key_prefix)
+    keys = Keys.from_settings(hostile_settings)
     with service(hostile_settings, tmp_path) as server:  # RATE_LIMIT_STOP_REQUESTS: 10 / 10 s
         started = time.monotonic()
         token = await new_session(server, "stopper")
         async with redis.pubsub() as control:
-            await control.subscribe(keys.control)
+            await control.ssubscribe(*keys.control_channels)
             codes: Counter[str] = Counter()
             async with websockets.connect(f"{server.ws_url}/chat?token={token}") as chat:
                 for _ in range(stops):
@@ -371,7 +371,7 @@ async def test_stop_flood(hostile_settings: Settings, tmp_path: Path, redis: Red
                             codes[event["code"]] += 1
             passed = 0
             while (message := await control.get_message(timeout=0.5)) is not None:
-                passed += message["type"] == "message"
+                passed += message["type"] == "smessage"
         lost = await good_user(server, 2)
     assert lost == 0
     assert passed == 10

@@ -18,6 +18,7 @@ import websockets
 from redis.asyncio import Redis
 
 from core.config import Settings
+from core.keys import Keys
 from tests.conftest import make_settings
 from tests.support.model_servers import ModelServer, ModelServerBehaviour
 from tests.support.processes import ServerChild, WorkerChild, settings_env
@@ -159,10 +160,12 @@ async def test_worker_killed_mid_generation_is_replaced_once(
             while not any(e["type"] == "token" for e in events):
                 events.append(json.loads(await ws.recv()))
         # The worker generating now is the one whose consumer holds a pending entry.
-        prefix = system_settings.key_prefix
-        pending = await redis.xpending_range(
-            f"{prefix}:requests", f"{prefix}:workers", min="-", max="+", count=10
-        )
+        keys = Keys.from_settings(system_settings)
+        pending = [
+            entry
+            for stream in keys.streams
+            for entry in await redis.xpending_range(stream, keys.group, min="-", max="+", count=10)
+        ]
         holders = {str(p["consumer"]) for p in pending}
         victim = next(w for w in workers if any(f"-{w.pid}-" in c for c in holders))
         victim.kill()

@@ -166,7 +166,7 @@ async def test_a_lost_lease_drops_the_buffered_pieces(redis: Redis, settings: Se
 
 async def publishes(redis: Redis) -> int:
     stats: Any = await redis.info("commandstats")
-    return int(stats.get("cmdstat_publish", {}).get("calls", 0))
+    return int(stats.get("cmdstat_spublish", {}).get("calls", 0))
 
 
 async def redis_commands(redis: Redis) -> int:

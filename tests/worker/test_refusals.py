@@ -70,8 +70,7 @@ async def assert_answered_once(
                 break
             await asyncio.sleep(0.1)
     assert all(replies[message_id] == 1 for _, message_id in queued), replies
-    pending: Any = await store.redis.xpending(store.keys.requests, store.keys.group)
-    assert pending["pending"] == 0
+    assert await sessions.pending_entries(store.redis, store.keys) == 0
 
 
 async def ride_out(
@@ -144,7 +143,7 @@ async def test_a_read_only_replica_is_ridden_out_until_promoted(
                 async with asyncio.timeout(15):
                     while (await copy.info("replication"))["master_link_status"] != "up":
                         await asyncio.sleep(0.05)
-                    while await copy.xlen(store.keys.requests) < MESSAGES:
+                    while await sessions.queued_entries(copy, store.keys) < MESSAGES:
                         await asyncio.sleep(0.05)
 
             async def clear() -> None:  # a failover: the replica is promoted
