@@ -20,10 +20,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
+from bench.support import Child
 from core.config import Settings
 from launcher.__main__ import cluster_data_dir, redis_units
 from launcher.redis_cluster import SLOTS, EmbeddedCluster, free_port_range
-from launcher.redis_server import EmbeddedRedis, EmbeddedRedisError
+from launcher.redis_server import (
+    PASSWORD_FILE,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    free_port,
+    port_in_use,
+)
 from launcher.supervisor import Supervisor
 
 # Stores a value and queues it on a stream in one step: two keys, hence one hash tag.
@@ -216,3 +223,33 @@ def test_the_cluster_keeps_its_own_data_folder(tmp_path: Path) -> None:
         _env_file=None, redis_data_dir=tmp_path, redis_cluster_size=3, redis_cluster_replicas=1
     )
     assert cluster_data_dir(settings) == tmp_path / "cluster-3x1"
+
+
+@pytest.mark.slow
+def test_run_with_a_cluster_size_starts_the_cluster_and_stops_it(tmp_path: Path) -> None:
+    """`REDIS_CLUSTER_SIZE=3 make run`: the launcher's own path, up to the cluster being ok
+    (the server cannot get ready on a cluster before the sharded layout lands)."""
+    base = free_port_range(3)
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KEY_PREFIX")}
+    env |= {
+        "REDIS_CLUSTER_SIZE": "3",
+        "RUN_WORKERS": "0",
+        "MODEL_BACKEND": "openai",
+        "EMBEDDED_REDIS_PORT": str(base),
+        "SERVER_PORT": str(free_port()),
+        "REDIS_DATA_DIR": str(tmp_path / "redis"),
+    }
+    run = Child("run", ["launcher"], env, tmp_path)
+    try:
+        run.wait_for_log("the server and workers use the cluster at")
+        data = tmp_path / "redis" / "cluster-3x0"
+        password = (data / PASSWORD_FILE).read_text(encoding="utf-8").strip()
+        observer = EmbeddedCluster(base, data, password=password)  # not started: it only asks
+        assert [observer.cluster_info(n)["cluster_state"] for n in observer.nodes] == ["ok"] * 3
+    finally:
+        status = run.interrupt()
+    log = run.log()
+    assert status == 0, log
+    assert password not in log
+    assert not any(port_in_use(port) for port in observer.ports)
+    assert not (tmp_path / "redis" / "appendonlydir").exists()  # no single Redis's files
