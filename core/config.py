@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     )
     redis_server_bin: Path | None = None
     redisjson_module: Path | None = None
+    redis_cluster_size: int = Field(
+        default=0,
+        ge=0,
+        description="0 = `make run` starts one Redis; N >= 3 = a local Redis Cluster of N "
+        "masters on EMBEDDED_REDIS_PORT and the ports after it (1 and 2 are refused: a "
+        "cluster needs at least 3 masters)",
+    )
+    redis_cluster_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="replicas per master of that local cluster (on the ports after the masters)",
+    )
     stream_maxlen: int = Field(
         default=100_000,
         ge=1000,
@@ -317,6 +329,31 @@ class Settings(BaseSettings):
                 "unix://, or host:port"
             )
         return value
+
+    @model_validator(mode="after")
+    def _cluster_shape(self) -> Settings:
+        """A cluster of 1 or 2 masters cannot keep a majority when one fails, so it is
+        refused rather than quietly run as something else; so are replicas with no cluster
+        to belong to, and ports whose cluster bus (+10000) would pass 65535."""
+        size, replicas = self.redis_cluster_size, self.redis_cluster_replicas
+        if size in (1, 2):
+            raise ValueError(
+                f"REDIS_CLUSTER_SIZE={size}: a Redis Cluster needs at least 3 masters; "
+                "use 0 for one plain Redis, or 3 or more"
+            )
+        if replicas and not size:
+            raise ValueError(
+                f"REDIS_CLUSTER_REPLICAS={replicas} needs REDIS_CLUSTER_SIZE >= 3 (replicas "
+                "of the local cluster's masters)"
+            )
+        last_port = self.embedded_redis_port + size * (1 + replicas) - 1
+        if size and last_port + 10000 > 65535:
+            raise ValueError(
+                f"the local cluster would use ports {self.embedded_redis_port}-{last_port}, "
+                "and each node's bus port (+10000) must stay under 65536: lower "
+                "EMBEDDED_REDIS_PORT"
+            )
+        return self
 
     @model_validator(mode="after")
     def _context_leaves_room_for_a_prompt(self) -> Settings:

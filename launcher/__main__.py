@@ -1,6 +1,7 @@
 """`python -m launcher` (what `make run` runs): the whole service in the foreground.
 
-Starts the embedded Redis (unless REDIS_URL names an external server), the server and
+Starts the embedded Redis (unless REDIS_URL names an external server; a local Redis Cluster
+instead with REDIS_CLUSTER_SIZE >= 3, launcher/redis_cluster.py), the server and
 RUN_WORKERS workers, each a child process with its own logs on this terminal. A child that
 dies is restarted with backoff (launcher/supervisor.py), the embedded Redis too (same port and
 data folder: its append-only file brings the data back); nothing else is stopped because of it.
@@ -20,6 +21,7 @@ from types import FrameType
 
 from core.config import Settings, get_settings
 from core.logs import configure_logging
+from launcher.redis_cluster import EmbeddedCluster
 from launcher.redis_server import EmbeddedRedis, load_or_create_password
 from launcher.supervisor import Supervised, Supervisor
 
@@ -65,7 +67,7 @@ class Child:
             self.process.wait()
 
 
-def stop_in_order(children: list[Child], embedded: EmbeddedRedis | None) -> None:
+def stop_in_order(children: list[Child], embedded: EmbeddedRedis | EmbeddedCluster | None) -> None:
     """Server and workers first (they hand back their work through Redis), Redis last."""
     for child in children:
         child.terminate()
@@ -92,12 +94,68 @@ def start_embedded_redis(settings: Settings) -> EmbeddedRedis:
     return embedded
 
 
-def redis_unit(embedded: EmbeddedRedis) -> Supervised:
+def cluster_data_dir(settings: Settings) -> Path:
+    """`cluster-<masters>x<replicas>` under REDIS_DATA_DIR: never the single Redis's files,
+    and another shape of cluster gets its own folder instead of failing on this one's."""
+    shape = f"cluster-{settings.redis_cluster_size}x{settings.redis_cluster_replicas}"
+    return Path(settings.redis_data_dir) / shape
+
+
+def start_embedded_cluster(settings: Settings) -> EmbeddedCluster:
+    """The local Redis Cluster on EMBEDDED_REDIS_PORT and the ports after it, its password
+    kept in its own data folder (made once)."""
+    data_dir = cluster_data_dir(settings)
+    cluster = EmbeddedCluster(
+        settings.embedded_redis_port,
+        data_dir,
+        masters=settings.redis_cluster_size,
+        replicas=settings.redis_cluster_replicas,
+        server_bin=settings.redis_server_bin,
+        module=settings.redisjson_module,
+        password=load_or_create_password(data_dir),
+        maxmemory=settings.embedded_redis_maxmemory,
+    )
+    cluster.start()
+    return cluster
+
+
+def redis_unit(embedded: EmbeddedRedis, name: str = "embedded Redis") -> Supervised:
     def restart() -> None:
-        logger.warning("restarting the embedded Redis on port %d", embedded.port)
+        logger.warning("restarting the %s on port %d", name, embedded.port)
         embedded.start()
 
-    return Supervised("embedded Redis", restart, embedded.exit_status)
+    return Supervised(name, restart, embedded.exit_status)
+
+
+def redis_units(embedded: EmbeddedRedis | EmbeddedCluster) -> list[Supervised]:
+    """One unit per Redis process: a cluster node that dies is restarted alone, on its own
+    folder (its nodes.conf and append-only file), and rejoins the others."""
+    if isinstance(embedded, EmbeddedRedis):
+        return [redis_unit(embedded)]
+    return [redis_unit(node, f"Redis Cluster node {node.port}") for node in embedded.nodes]
+
+
+def start_redis(settings: Settings, env: dict[str, str]) -> EmbeddedRedis | EmbeddedCluster | None:
+    """The Redis `make run` starts, if any, with its URL put in the children's env."""
+    if "redis_url" in settings.model_fields_set:
+        if settings.redis_cluster_size:
+            logger.info("REDIS_URL is set: REDIS_CLUSTER_SIZE is ignored, no cluster is started")
+        logger.info("using the Redis at REDIS_URL")
+        return None
+    embedded: EmbeddedRedis | EmbeddedCluster
+    if settings.redis_cluster_size:
+        embedded = start_embedded_cluster(settings)
+        logger.info("the server and workers use the cluster at %s", _no_password(embedded.url))
+    else:
+        embedded = start_embedded_redis(settings)
+    env["REDIS_URL"] = embedded.url
+    return embedded
+
+
+def _no_password(url: str) -> str:
+    """The URL for the log, the password masked (it is in the data folder's redis.password)."""
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://:***@{rest.split('@', 1)[1]}" if "@" in rest else url
 
 
 def worker_env(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:
@@ -140,13 +198,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    embedded: EmbeddedRedis | None = None
     env = dict(os.environ)
-    if "redis_url" in settings.model_fields_set:
-        logger.info("using the Redis at REDIS_URL")
-    else:
-        embedded = start_embedded_redis(settings)
-        env["REDIS_URL"] = embedded.url
+    embedded = start_redis(settings, env)
     children = [Child("server", "server", env)]
     children += [
         Child(f"worker {n + 1}", "worker", worker_env(env, settings, n))
@@ -155,8 +208,9 @@ def main() -> int:
     try:
         if embedded is not None:
             # Already started: registered so that its death is seen and healed.
-            supervisor.units.append(redis_unit(embedded))
-            supervisor.units[-1].started_at = time.monotonic()
+            for unit in redis_units(embedded):
+                unit.started_at = time.monotonic()
+                supervisor.units.append(unit)
         for child in children:
             supervisor.add(Supervised(child.name, child.start, child.exit_status))
         host = settings.server_host

@@ -120,6 +120,7 @@ class EmbeddedRedis:
         password: str | None = None,
         maxmemory: str | None = "512mb",
         extra_args: Sequence[str] = (),
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.data_dir = data_dir
@@ -129,6 +130,9 @@ class EmbeddedRedis:
         self.maxmemory = maxmemory
         # More `--name value` settings (tests: `--key-load-delay`, `--enable-protected-configs`).
         self.extra_args = list(extra_args)
+        # More config-file lines, for settings that must not show in `ps` (a cluster
+        # replica's `masterauth`, which is the password).
+        self.extra_config = list(extra_config)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -147,7 +151,7 @@ class EmbeddedRedis:
 
     def command(self) -> list[str]:
         command = [str(self.server_bin)]
-        if self.password:
+        if self.config_lines():
             command.append(str(self.config_file))
         command += [
             "--bind", "127.0.0.1", "--port", str(self.port),
@@ -162,12 +166,18 @@ class EmbeddedRedis:
             command += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         return command + self.extra_args
 
+    def config_lines(self) -> list[str]:
+        """What goes in the config file rather than on the command line: the secrets."""
+        lines = [f"requirepass {self.password}"] if self.password else []
+        return lines + self.extra_config
+
     def _write_config(self) -> None:
-        if not self.password:
+        lines = self.config_lines()
+        if not lines:
             return
         fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(f"requirepass {self.password}\n")
+            file.write("".join(f"{line}\n" for line in lines))
         self.config_file.chmod(0o600)
 
     def start(self, timeout: float = 15.0) -> None:

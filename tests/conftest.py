@@ -2,6 +2,7 @@
 
 One embedded Redis server serves the whole run (or the server named by TEST_REDIS_URL, e.g. a
 Redis 8 container); each test gets its own KEY_PREFIX, so tests never see each other's data.
+Tests that need a Redis Cluster use `redis_cluster`: 3 embedded masters, also one per run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from core.config import Settings
 from core.redis import create_redis
 from core.store import SessionStore
+from launcher.redis_cluster import EmbeddedCluster, free_port_range
 from launcher.redis_server import EmbeddedRedis, free_port
 from tests.support.model_servers import ModelServer, ModelServerBehaviour
 from tests.support.stack import Stack, running_stack
@@ -31,6 +33,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with EmbeddedRedis(free_port(), tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """A real 3-master Redis Cluster (no replicas) for the whole run, started on first use;
+    tests connect to its `url` with a cluster client. Tests that kill or restart nodes
+    start their own cluster instead."""
+    with EmbeddedCluster(free_port_range(3), tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
