@@ -18,11 +18,10 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
-
 from core.conversations import IndexEntry, decode_cursor, encode_cursor
 from core.keys import Keys
 from core.models import User, is_uuid4, new_id, utcnow
+from core.redis import AnyRedis
 
 API_KEY_PREFIX = "chat_"
 
@@ -38,7 +37,7 @@ def key_hash(api_key: str) -> str:
 class AccountStore:
     """Owns `Keys.user`, `Keys.users` and `Keys.api_key`."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
 

@@ -14,9 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from core.keys import Keys
+from core.redis import AnyRedis
 
 BAD_CURSOR = "Invalid cursor: pass the next_cursor of an earlier page"
 
@@ -60,7 +59,7 @@ def decode_cursor(cursor: str) -> IndexEntry:
 class ConversationIndex:
     """Owns `Keys.user_conversations`: member = session token, score = last activity (ms)."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
 

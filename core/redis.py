@@ -1,13 +1,16 @@
-"""Creating the asyncio Redis client and checking that the server can serve us."""
+"""Creating the asyncio Redis client and checking that the server can serve us.
+
+One code path for a single Redis and a Redis Cluster: the keys and scripts are the same
+(core/keys.py shards them), and `connect_redis` makes the client the server calls for:
+`RedisCluster` when `INFO cluster` says cluster mode (or REDIS_MODE=cluster), else `Redis`.
+"""
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -29,6 +32,48 @@ POOL_WAIT_SECONDS = 20.0
 # still loading, and the first message after it was refused.
 RETRY_BACKOFF = {"base": 0.05, "cap": 1.0}
 RETRIES = 8
+# Connections per cluster node. A cluster client has no blocking pool: past this a command
+# fails (MaxConnectionsError) instead of waiting, so the bound is set far above what one
+# process uses (each worker reader holds one blocking read per partition on its node).
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 1000
+
+AnyRedis: TypeAlias = Redis | RedisCluster
+RedisMode = Literal["single", "cluster"]
+
+
+async def redis_mode(settings: Settings) -> RedisMode:
+    """REDIS_MODE, or, for `auto`, what the server says (`INFO cluster`: cluster_enabled)."""
+    if settings.redis_mode != "auto":
+        return settings.redis_mode
+    probe = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        info: Any = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return "cluster" if int(info.get("cluster_enabled", 0)) else "single"
+
+
+async def connect_redis(settings: Settings) -> AnyRedis:
+    """The process's client for the mode of the Redis at REDIS_URL (see `redis_mode`)."""
+    return client_for(settings, await redis_mode(settings))
+
+
+def client_for(settings: Settings, mode: RedisMode) -> AnyRedis:
+    return create_cluster_client(settings) if mode == "cluster" else create_redis(settings)
+
+
+def create_cluster_client(settings: Settings) -> RedisCluster:
+    """A Redis Cluster client from any node's URL (it learns the others from CLUSTER SLOTS),
+    following MOVED and ASK, retrying as `create_redis` does."""
+    return RedisCluster.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
+        retry=Retry(EqualJitterBackoff(**RETRY_BACKOFF), retries=RETRIES),
+        health_check_interval=15,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+    )
 
 
 def create_redis(settings: Settings) -> Redis:
@@ -58,7 +103,7 @@ def load_script(*names: str) -> str:
     return "\n".join(lua.joinpath(name).read_text(encoding="utf-8") for name in names)
 
 
-async def ensure_group(redis: Redis, keys: Keys) -> None:
+async def ensure_group(redis: AnyRedis, keys: Keys) -> None:
     """Create every partition's request stream and its consumer group if missing, in one
     round trip (a pipeline, which a cluster client splits by node).
 
@@ -73,7 +118,7 @@ async def ensure_group(redis: Redis, keys: Keys) -> None:
             raise answer
 
 
-def stream_groups(redis: Redis, keys: Keys) -> list[tuple[str, ...]]:
+def stream_groups(redis: AnyRedis, keys: Keys) -> list[tuple[str, ...]]:
     """The request streams as one XREADGROUP can read them: all at once from a single
     Redis; one at a time from a cluster, where a command's keys must share a slot."""
     if is_cluster(redis):
@@ -85,16 +130,7 @@ def is_cluster(redis: object) -> bool:
     return isinstance(redis, RedisCluster)
 
 
-async def next_message(pubsub: PubSub, wait: float) -> dict[str, Any] | None:
-    """The next Pub/Sub message, sharded or not: a cluster's Pub/Sub hands out sharded
-    messages through `get_sharded_message`, one Redis's through `get_message`."""
-    if isinstance(pubsub, ClusterPubSub):
-        return await pubsub.get_sharded_message(timeout=wait)
-    message: dict[str, Any] | None = await pubsub.get_message(timeout=wait)
-    return message
-
-
-async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
+async def readiness_problem(redis: AnyRedis, keys: Keys) -> str | None:
     """None when Redis answers and JSON and Streams work; else what is wrong, in words."""
     try:
         await redis.ping()
@@ -119,7 +155,7 @@ async def readiness_problem(redis: Redis, keys: Keys) -> str | None:
     return None
 
 
-async def eviction_warning(redis: Redis) -> str | None:
+async def eviction_warning(redis: AnyRedis) -> str | None:
     """Why this Redis could silently drop the service's keys, if it could; else None.
 
     Any maxmemory-policy but noeviction evicts when Redis is full: allkeys-* anything (the

@@ -18,11 +18,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from core.keys import Keys
 from core.models import ServiceStats
+from core.redis import AnyRedis
 
 SCAN_COUNT = 1000
 SCAN_STEPS = 100
@@ -38,7 +38,7 @@ class _Pass:
 class StatsReader:
     """One per server process: it keeps the SCAN pass under way between calls."""
 
-    def __init__(self, redis: Redis, keys: Keys, worker_lease_seconds: float) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys, worker_lease_seconds: float) -> None:
         self._redis = redis
         self._keys = keys
         self._lease_ms = int(worker_lease_seconds * 1000)

@@ -16,7 +16,6 @@ from enum import Enum
 from typing import Any
 
 from pydantic import TypeAdapter
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.config import Settings
@@ -38,7 +37,7 @@ from core.models import (
     title_from_message,
     utcnow,
 )
-from core.redis import load_script
+from core.redis import AnyRedis, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class SessionStore:
     state, stop times and generation-attempt counters (the leases are worker/leases.py's).
     `index` (core/conversations.py) is the per-user index of the sessions an account owns."""
 
-    def __init__(self, redis: Redis, settings: Settings, keys: Keys | None = None) -> None:
+    def __init__(self, redis: AnyRedis, settings: Settings, keys: Keys | None = None) -> None:
         self.redis = redis
         self.keys = keys or Keys.from_settings(settings)
         self._settings = settings
@@ -126,6 +125,7 @@ class SessionStore:
             load_script("lib_history_cap.lua", "lib_unanswered.lua", "add_reply.lua")
         )
         self._begin_turn = redis.register_script(load_script("begin_turn.lua"))
+        self._create = redis.register_script(load_script("create_session.lua"))
         self._rate_limit = redis.register_script(
             load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
         )
@@ -161,11 +161,8 @@ class SessionStore:
         )
         if user_id is not None:  # index first: see core/conversations.py
             await self.index.add(user_id, session.token, _epoch_ms(session.session_start))
-        key = self.keys.session(session.token)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.json().set(key, "$", session.model_dump(mode="json", exclude_none=True))
-            pipe.expire(key, self._ttl)
-            await pipe.execute()
+        document = session.model_dump_json(exclude_none=True)
+        await self._create(keys=[self.keys.session(session.token)], args=[document, self._ttl])
         return session
 
     async def get(self, token: str) -> Session | None:
@@ -173,7 +170,9 @@ class SessionStore:
         if not is_uuid4(token):
             return None
         key = self.keys.session(token)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # Not a transaction: the read and the renewal need not be one step, and redis-py's
+        # cluster client cannot read a JSON reply inside one.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.json().get(key)
             pipe.expire(key, self._ttl)
             document, _ = await pipe.execute()

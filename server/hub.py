@@ -17,13 +17,12 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from core.keys import Keys
 from core.models import ConversationChange, ConversationEvent, ack_message_id, dump_event
-from core.redis import next_message
+from core.redis import AnyRedis
+from core.subscriber import ShardedSubscriber
 
 logger = logging.getLogger(__name__)
 
@@ -143,40 +142,29 @@ class Outbox:
 
 
 class EventHub:
-    def __init__(self, redis: Redis, keys: Keys, outbox_max_bytes: int = 1024 * 1024) -> None:
-        self._redis = redis
+    """The sockets of this process by session, fed from the sessions' sharded channels
+    (core/subscriber.py: one connection per Redis node)."""
+
+    def __init__(self, redis: AnyRedis, keys: Keys, outbox_max_bytes: int = 1024 * 1024) -> None:
         self._keys = keys
         self._outbox_max_bytes = outbox_max_bytes
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._subscriber = ShardedSubscriber(redis, self._deliver, self._on_reconnect)
         self._subscribers: dict[str, set[Outbox]] = {}
-        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._subscribing: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
-        self._closing = False
+        self._started = False
 
     async def start(self) -> None:
-        self._pubsub = self._redis.pubsub()
-        # A standing subscription opens the connection now, so startup fails fast if Redis is
-        # unreachable and the reader always has a connection to read.
-        await self._pubsub.subscribe(self._keys.servers)
-        # redis-py reconnects and resubscribes by itself; we still need to know it happened.
-        assert self._pubsub.connection is not None
-        self._pubsub.connection.register_connect_callback(self._on_reconnect)
-        self._reader = asyncio.create_task(self._read_loop(), name="event-hub-reader")
+        self._started = True
 
     async def aclose(self) -> None:
-        self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._started = False
+        await self._subscriber.aclose()
 
     @property
     def running(self) -> bool:
-        """False once the reader has stopped: sockets would get no events."""
-        return self._reader is not None and not self._reader.done()
+        """False once event fan-out stopped: sockets would get no events."""
+        return self._started and self._subscriber.running
 
     @property
     def channels(self) -> int:
@@ -185,32 +173,30 @@ class EventHub:
     @contextlib.asynccontextmanager
     async def subscribe(self, token: str) -> AsyncIterator[Outbox]:
         """Receive the session's events in an outbox for as long as the context is open."""
-        assert self._pubsub is not None, "EventHub.start() was not called"
+        assert self._started, "EventHub.start() was not called"
         channel = self._keys.events(token)
         outbox = Outbox(self._outbox_max_bytes)
         try:
             async with self._lock:
                 members = self._subscribers.setdefault(channel, set())
                 members.add(outbox)
-                confirmation = self._confirmations.get(channel)
-                if len(members) == 1:
-                    confirmation = asyncio.get_running_loop().create_future()
-                    self._confirmations[channel] = confirmation
-                    await self._pubsub.ssubscribe(channel)
-            if confirmation is not None:
-                # Events published before Redis confirms would be missed: wait for it.
-                await asyncio.wait_for(asyncio.shield(confirmation), timeout=10)
+                subscribing = self._subscribing.get(channel)
+                if subscribing is None:
+                    subscribing = asyncio.create_task(self._subscriber.subscribe(channel))
+                    self._subscribing[channel] = subscribing
+            # Events published before Redis confirms would be missed: wait for it.
+            await asyncio.shield(subscribing)
             yield outbox
         finally:
             async with self._lock:
                 members = self._subscribers.get(channel, set())
                 members.discard(outbox)
                 if not members and self._subscribers.pop(channel, None) is not None:
-                    self._confirmations.pop(channel, None)
+                    self._subscribing.pop(channel, None)
                     with contextlib.suppress(RedisError, OSError):
-                        await self._pubsub.sunsubscribe(channel)
+                        await self._subscriber.unsubscribe(channel)
 
-    def _on_reconnect(self, _connection: object) -> None:
+    def _on_reconnect(self) -> None:
         """After a lost connection, events may have been missed: close every socket so its
         client reconnects and reloads the history, where every finished reply is."""
         logger.warning(
@@ -228,31 +214,3 @@ class EventHub:
             outbox.put(frame)
             if deleted:
                 outbox.put(CloseSocket(DELETED_CODE, DELETED_REASON))
-
-    async def _read_loop(self) -> None:
-        assert self._pubsub is not None
-        failures = 0
-        # Checked each second: redis-py's get_message can swallow a cancellation.
-        while not self._closing:
-            try:
-                message = await next_message(self._pubsub, wait=1.0)
-            except (RedisError, OSError) as exc:
-                failures += 1
-                delay = min(0.1 * 2**failures, 5.0)
-                logger.warning("Pub/Sub connection lost (%s); retrying in %.1fs", exc, delay)
-                # Drop the dead socket: the next read connects again, and redis-py then
-                # resubscribes every channel (and calls _on_reconnect).
-                if self._pubsub.connection is not None:
-                    await self._pubsub.connection.disconnect()
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            if message is None:
-                continue
-            kind, channel = message["type"], message["channel"]
-            if kind == "smessage":
-                self._deliver(channel, message["data"])
-            elif kind == "ssubscribe":
-                confirmation = self._confirmations.get(channel)
-                if confirmation is not None and not confirmation.done():
-                    confirmation.set_result(None)

@@ -19,7 +19,7 @@ from core.config import Settings, get_settings
 from core.keys import Keys
 from core.logs import configure_logging
 from core.metrics import QueueCollector, serving_registry
-from core.redis import create_redis, ensure_group, eviction_warning
+from core.redis import connect_redis, ensure_group, eviction_warning
 from core.stats import StatsReader
 from core.store import SessionStore
 from server.api.deps import Services
@@ -40,7 +40,7 @@ GZIP_MINIMUM_BYTES = 4096
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build the process's services once, for every route (`app.state.services`)."""
     settings: Settings = app.state.settings
-    redis = create_redis(settings)
+    redis = await connect_redis(settings)
     keys = Keys.from_settings(settings)
     hub = EventHub(redis, keys, settings.outbox_max_bytes)
     sockets = SocketRegistry(

@@ -17,11 +17,10 @@ import contextlib
 import logging
 import secrets
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.keys import Keys
-from core.redis import load_script
+from core.redis import AnyRedis, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class SocketRegistry:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         keys: Keys,
         max_per_session: int,
         lease_seconds: float,

@@ -44,6 +44,17 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded
         yield cluster
 
 
+@pytest.fixture(params=["single", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The test runs twice: on the one embedded Redis and on the 3-master cluster (the same
+    keys and scripts; the service detects the mode)."""
+    if request.param == "cluster":
+        cluster: EmbeddedCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
     """Settings for a test: no .env, a fresh key prefix, quick leases, a small model budget."""
     values: dict[str, Any] = {

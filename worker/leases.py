@@ -11,12 +11,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from core.keys import Keys
 from core.models import new_id, short
-from core.redis import load_script
+from core.redis import AnyRedis, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ class SessionLease:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def finish_entry(redis: Redis, keys: Keys, stream: str, entry_id: str) -> None:
+async def finish_entry(redis: AnyRedis, keys: Keys, stream: str, entry_id: str) -> None:
     """Acknowledge and delete a request-stream entry that needs no more work."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xack(stream, keys.group, entry_id)
@@ -41,7 +40,7 @@ async def finish_entry(redis: Redis, keys: Keys, stream: str, entry_id: str) -> 
 
 
 class LeaseManager:
-    def __init__(self, redis: Redis, keys: Keys, consumer: str, lease_seconds: float) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys, consumer: str, lease_seconds: float) -> None:
         self._redis = redis
         self._keys = keys
         self._consumer = consumer

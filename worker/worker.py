@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -37,8 +36,17 @@ from core.config import Settings
 from core.keys import Keys
 from core.metrics import WORKER_RECLAIMS
 from core.models import is_uuid4, short
-from core.redis import create_redis, ensure_group, load_script, next_message, stream_groups
+from core.redis import (
+    AnyRedis,
+    RedisMode,
+    client_for,
+    ensure_group,
+    load_script,
+    redis_mode,
+    stream_groups,
+)
 from core.store import SessionStore
+from core.subscriber import ShardedSubscriber
 from worker.backends import ModelBackend, create_backend
 from worker.leases import LeaseManager, finish_entry
 from worker.outage import Episode, is_nogroup, is_transient
@@ -98,7 +106,7 @@ def redacted(fields: dict[str, str]) -> dict[str, str]:
 class Resources:
     """What `run()` started, for the loops to use; closed when `run()` ends."""
 
-    redis: Redis
+    redis: AnyRedis
     store: SessionStore
     leases: LeaseManager
     responder: Responder
@@ -139,8 +147,15 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until `request_shutdown()`; then finish or hand back what is held, and close."""
+        modes: list[RedisMode] = []
+
+        async def detect() -> None:
+            modes.append(await redis_mode(self.settings))
+
+        if not await self._until_answered("connect", detect):
+            return  # shut down before Redis ever answered
         backend = self._backend or create_backend(self.settings)
-        redis = create_redis(self.settings)
+        redis = client_for(self.settings, modes[0])
         try:
             await backend.start()
             slots = generation_slots(self.settings, backend)
@@ -261,7 +276,9 @@ class Worker:
                 await self._touch(r.redis, list(unfinished), idle=self._lease_ms * 10)
             logger.info("handed back %d message(s) to the other workers", len(unfinished))
 
-    async def _touch(self, redis: Redis, entries: list[EntryRef], idle: int | None = None) -> None:
+    async def _touch(
+        self, redis: AnyRedis, entries: list[EntryRef], idle: int | None = None
+    ) -> None:
         """XCLAIM the entries for this consumer again (one command per stream): their idle
         time restarts (a slow generation is not taken for a dead worker), or is set to `idle`
         (handed back: the next XAUTOCLAIM takes them at once)."""
@@ -279,7 +296,7 @@ class Worker:
                 justid=True,
             )
 
-    async def _leave_group(self, redis: Redis) -> None:
+    async def _leave_group(self, redis: AnyRedis) -> None:
         """Remove this consumer from the group if it holds nothing (keeps XINFO tidy)."""
         with contextlib.suppress(RedisError, OSError):
             for stream in self.keys.streams:
@@ -381,13 +398,13 @@ class Worker:
             if start == "0-0":
                 break
 
-    async def _deliveries(self, redis: Redis, stream: str, entry_id: str) -> int:
+    async def _deliveries(self, redis: AnyRedis, stream: str, entry_id: str) -> int:
         pending: Any = await redis.xpending_range(
             stream, self.keys.group, min=entry_id, max=entry_id, count=1
         )
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    async def _forget_dead_consumers(self, redis: Redis, stream: str) -> None:
+    async def _forget_dead_consumers(self, redis: AnyRedis, stream: str) -> None:
         """Drop consumers that hold nothing and have not been seen for a long time (workers
         that were killed), so the group's consumer list does not grow forever."""
         silent_for = self._lease_ms * 10
@@ -412,29 +429,31 @@ class Worker:
         await r.announce(keys=[self.keys.workers_alive], args=[self.consumer, 10 * self._lease_ms])
 
     async def _control_loop(self, r: Resources) -> None:
-        """Listen on every partition's control channel; `_listening` is set once Redis has
-        confirmed them all (the intake waits for it)."""
+        """Listen on every partition's control channel (core/subscriber.py, one connection per
+        Redis node) until drained; `_listening` is set once Redis has confirmed them all (the
+        intake waits for it)."""
+        subscriber = ShardedSubscriber(
+            r.redis, lambda _channel, data: self._on_control(r, data), self._on_control_lost
+        )
         outage = Episode("control")
-        channels = self.keys.control_channels
-        while not self._drained.is_set():
-            try:
-                async with r.redis.pubsub() as pubsub:
-                    await pubsub.ssubscribe(*channels)
-                    confirmed: set[str] = set()
-                    # Checked each second: redis-py's get_message can swallow a cancellation.
-                    while not self._drained.is_set():
-                        message = await next_message(pubsub, wait=1.0)
-                        if message is None:
-                            continue
-                        if message["type"] == "smessage":
-                            self._on_control(r, message["data"])
-                        elif message["type"] == "ssubscribe":
-                            confirmed.add(message["channel"])
-                            if len(confirmed) == len(channels):
-                                outage.ended()
-                                self._listening.set()
-            except (RedisError, OSError) as exc:
-                await asyncio.sleep(max(1.0, outage.failed(exc)))
+        try:
+            while not self._listening.is_set():
+                try:
+                    await subscriber.subscribe(*self.keys.control_channels)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    await asyncio.sleep(max(1.0, outage.failed(exc)))
+                    continue
+                outage.ended()
+                self._listening.set()
+            await self._drained.wait()
+        finally:
+            await subscriber.aclose()
+
+    def _on_control_lost(self) -> None:
+        logger.warning(
+            "control channel connection lost: a stop sent meanwhile does not reach a reply "
+            "being generated; one not started yet still sees it (the stop time is in Redis)"
+        )
 
     def _on_control(self, r: Resources, data: str) -> None:
         try:

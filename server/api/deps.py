@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
-from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from core.accounts import AccountStore
 from core.config import Settings
 from core.keys import Keys
+from core.redis import AnyRedis
 from core.stats import StatsReader
 from core.store import SessionStore
 from server.hub import EventHub
@@ -24,7 +24,7 @@ class Services:
 
     settings: Settings
     keys: Keys
-    redis: Redis
+    redis: AnyRedis
     store: SessionStore
     accounts: AccountStore
     hub: EventHub

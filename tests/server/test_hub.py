@@ -57,8 +57,7 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
     async def refuse(*_: object) -> None:
         raise RedisConnectionError("Redis went away")
 
-    assert hub._pubsub is not None
-    monkeypatch.setattr(hub._pubsub, "ssubscribe", refuse)
+    monkeypatch.setattr(hub._subscriber, "subscribe", refuse)
     with pytest.raises(RedisConnectionError):
         async with hub.subscribe(new_id()):
             pass

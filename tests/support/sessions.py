@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from core.keys import Keys
 from core.models import Message
+from core.redis import AnyRedis
 from core.store import Queued, SessionStore
 
 
@@ -33,12 +33,12 @@ async def messages(store: SessionStore, token: str) -> list[Message] | None:
     return found
 
 
-async def queued_entries(redis: Redis, keys: Keys) -> int:
+async def queued_entries(redis: AnyRedis, keys: Keys) -> int:
     """Entries in every partition's request stream (answered ones are deleted)."""
     return sum([int(await redis.xlen(stream)) for stream in keys.streams])
 
 
-async def pending_entries(redis: Redis, keys: Keys) -> int:
+async def pending_entries(redis: AnyRedis, keys: Keys) -> int:
     """Entries taken by a worker and not yet answered, over every partition's stream."""
     total = 0
     for stream in keys.streams:

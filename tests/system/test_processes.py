@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import websockets
-from redis.asyncio import Redis
 
 from core.config import Settings
 from core.keys import Keys
+from core.redis import connect_redis
 from tests.conftest import make_settings
 from tests.support.model_servers import ModelServer, ModelServerBehaviour
 from tests.support.processes import ServerChild, WorkerChild, settings_env
@@ -35,8 +35,8 @@ async def slow_model() -> AsyncIterator[ModelServer]:
 
 
 @pytest.fixture
-def system_settings(redis_url: str, slow_model: ModelServer) -> Settings:
-    return make_settings(redis_url, openai_base_url=slow_model.openai_base_url)
+def system_settings(any_redis_url: str, slow_model: ModelServer) -> Settings:
+    return make_settings(any_redis_url, openai_base_url=slow_model.openai_base_url)
 
 
 @pytest.fixture
@@ -146,7 +146,6 @@ async def test_worker_killed_mid_generation_is_replaced_once(
     workers: list[WorkerChild],
     slow_model: ModelServer,
     system_settings: Settings,
-    redis: Redis,
 ) -> None:
     slow_model.behaviour.token_delay = 0.15
     server = servers[0]
@@ -161,11 +160,13 @@ async def test_worker_killed_mid_generation_is_replaced_once(
                 events.append(json.loads(await ws.recv()))
         # The worker generating now is the one whose consumer holds a pending entry.
         keys = Keys.from_settings(system_settings)
-        pending = [
-            entry
-            for stream in keys.streams
-            for entry in await redis.xpending_range(stream, keys.group, min="-", max="+", count=10)
-        ]
+        redis = await connect_redis(system_settings)
+        try:
+            pending = await redis.xpending_range(
+                keys.requests_for(token), keys.group, min="-", max="+", count=10
+            )
+        finally:
+            await redis.aclose()
         holders = {str(p["consumer"]) for p in pending}
         victim = next(w for w in workers if any(f"-{w.pid}-" in c for c in holders))
         victim.kill()
