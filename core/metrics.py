@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from redis import Redis
+from redis import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from core.config import Settings
@@ -89,16 +90,32 @@ class QueueCollector(Collector):
     tell it (lag is nil after some deletions) it is the stream's length minus the pending
     entries, which is the same number here because answered entries are deleted. `pending` is
     delivered but not yet answered: generating, or held by a worker waiting for its turn.
-    The scrape runs in a thread, so this uses a small synchronous client of its own."""
+    The scrape runs in a thread, so this uses a small synchronous client of its own, made at
+    the first scrape that reaches Redis: a cluster client when Redis is a cluster."""
 
     def __init__(self, settings: Settings) -> None:
         self._keys = Keys.from_settings(settings)
-        self._redis: Redis = Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
+        self._settings = settings
+        self._made: Redis | RedisCluster | None = None
+        self._making = threading.Lock()
+
+    @property
+    def _redis(self) -> Redis | RedisCluster:
+        with self._making:
+            if self._made is None:
+                self._made = self._connect()
+            return self._made
+
+    def _connect(self) -> Redis | RedisCluster:
+        timeouts: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+        url, mode = self._settings.redis_url, self._settings.redis_mode
+        plain = Redis.from_url(url, decode_responses=True, **timeouts)
+        if mode == "auto":
+            mode = "cluster" if int(plain.info("cluster").get("cluster_enabled", 0)) else "single"
+        if mode == "single":
+            return plain
+        plain.close()
+        return RedisCluster.from_url(url, decode_responses=True, **timeouts)
 
     def collect(self) -> Iterator[Metric]:
         waiting = GaugeMetricFamily(
@@ -141,7 +158,8 @@ class QueueCollector(Collector):
         return int(lag), pending
 
     def close(self) -> None:
-        self._redis.close()
+        if self._made is not None:
+            self._made.close()
 
 
 class _WithQueue(Collector):

@@ -155,6 +155,18 @@ async def readiness_problem(redis: AnyRedis, keys: Keys) -> str | None:
     return None
 
 
+async def topology(redis: AnyRedis, keys: Keys) -> dict[str, Any]:
+    """What /readyz says of the Redis it runs on: the mode, and for a cluster its state and
+    how many masters serve slots (CLUSTER INFO's cluster_size); the request partitions."""
+    described: dict[str, Any] = {"mode": "single", "partitions": keys.partitions}
+    if isinstance(redis, RedisCluster):
+        info: Any = await redis.cluster_info()
+        described.update(
+            mode="cluster", masters=int(info["cluster_size"]), state=info["cluster_state"]
+        )
+    return described
+
+
 async def eviction_warning(redis: AnyRedis) -> str | None:
     """Why this Redis could silently drop the service's keys, if it could; else None.
 

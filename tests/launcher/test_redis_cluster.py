@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
@@ -227,16 +228,16 @@ def test_the_cluster_keeps_its_own_data_folder(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_with_a_cluster_size_starts_the_cluster_and_stops_it(tmp_path: Path) -> None:
-    """`REDIS_CLUSTER_SIZE=3 make run`: the launcher's own path, up to the cluster being ok
-    (the server cannot get ready on a cluster before the sharded layout lands)."""
-    base = free_port_range(3)
+    """`REDIS_CLUSTER_SIZE=3 make run`: the launcher starts the cluster, and the server it
+    starts finds it is one (REDIS_MODE=auto) and gets ready on it."""
+    base, server_port = free_port_range(3), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "KEY_PREFIX")}
     env |= {
         "REDIS_CLUSTER_SIZE": "3",
         "RUN_WORKERS": "0",
         "MODEL_BACKEND": "openai",
         "EMBEDDED_REDIS_PORT": str(base),
-        "SERVER_PORT": str(free_port()),
+        "SERVER_PORT": str(server_port),
         "REDIS_DATA_DIR": str(tmp_path / "redis"),
     }
     run = Child("run", ["launcher"], env, tmp_path)
@@ -246,6 +247,9 @@ def test_run_with_a_cluster_size_starts_the_cluster_and_stops_it(tmp_path: Path)
         password = (data / PASSWORD_FILE).read_text(encoding="utf-8").strip()
         observer = EmbeddedCluster(base, data, password=password)  # not started: it only asks
         assert [observer.cluster_info(n)["cluster_state"] for n in observer.nodes] == ["ok"] * 3
+        run.wait_for_log("server ready")
+        ready = httpx.get(f"http://127.0.0.1:{server_port}/readyz", timeout=10).json()
+        assert ready["redis"] == {"mode": "cluster", "masters": 3, "state": "ok", "partitions": 24}
     finally:
         status = run.interrupt()
     log = run.log()

@@ -8,9 +8,13 @@ from redis.asyncio import Redis
 
 from core.config import Settings
 from core.metrics import QueueCollector, render, serving_registry
+from core.redis import connect_redis, ensure_group
+from core.store import SessionStore
+from launcher.redis_cluster import EmbeddedCluster
 from launcher.redis_server import free_port
 from tests.conftest import make_settings
-from tests.support.metrics import Samples, scrape, until, value
+from tests.support import sessions
+from tests.support.metrics import Samples, parse, scrape, until, value
 from tests.support.model_servers import HttpError, ModelServer
 from tests.support.stack import running_stack
 
@@ -132,3 +136,25 @@ async def test_a_scrape_without_redis_still_answers_without_the_queue_gauges(
         collector.close()
     assert "chat_messages_received_total" in text
     assert "chat_queue_waiting" not in text
+
+
+async def test_the_queue_gauges_count_every_partition_of_a_cluster(
+    redis_cluster: EmbeddedCluster,
+) -> None:
+    settings = make_settings(redis_cluster.url)
+    redis = await connect_redis(settings)
+    store = SessionStore(redis, settings)
+    try:
+        await ensure_group(redis, store.keys)
+        for n in range(6):  # six sessions: spread over the partitions, so over the masters
+            session = await store.create(f"user{n}")
+            await sessions.add_human_message(store, session.token, "waiting")
+    finally:
+        await redis.aclose()
+    collector = QueueCollector(settings)
+    try:
+        samples = parse(render(serving_registry(collector)).decode())
+    finally:
+        collector.close()
+    assert value(samples, "chat_queue_waiting") == 6
+    assert value(samples, "chat_queue_pending") == 0

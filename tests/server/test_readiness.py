@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from core import keys as keys_module
+from launcher.redis_cluster import EmbeddedCluster
 from launcher.redis_server import EmbeddedRedis, free_port
 from server.main import create_app
 from tests.conftest import make_settings
@@ -50,7 +51,7 @@ async def test_a_noeviction_redis_is_ready_without_warnings(tmp_path: Path) -> N
             httpx.AsyncClient(base_url=served.url) as http,
         ):
             response = await http.get("/readyz")
-    assert response.json() == {"status": "ready"}
+    assert response.json() == {"status": "ready", "redis": {"mode": "single", "partitions": 24}}
 
 
 async def test_readiness_does_not_build_keys_per_request(
@@ -72,3 +73,19 @@ async def test_readiness_does_not_build_keys_per_request(
             for _ in range(3):
                 assert (await http.get("/readyz")).status_code == 200
     assert built == []
+
+
+async def test_on_a_cluster_readiness_says_so(redis_cluster: EmbeddedCluster) -> None:
+    """REDIS_MODE=auto: the server asks Redis (INFO cluster) and runs on the cluster."""
+    async with (
+        InProcessServer(create_app(make_settings(redis_cluster.url))) as served,
+        httpx.AsyncClient(base_url=served.url) as http,
+    ):
+        response = await http.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["redis"] == {
+        "mode": "cluster",
+        "masters": 3,
+        "state": "ok",
+        "partitions": 24,
+    }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from core.redis import eviction_warning, readiness_problem
+from core.redis import eviction_warning, readiness_problem, topology
 from server.api.deps import Services, ServicesDep
 
 router = APIRouter(tags=["health"])
@@ -25,9 +26,17 @@ def package_version() -> str:
         return "unknown"
 
 
+class RedisTopology(BaseModel):
+    mode: str  # "single" or "cluster"
+    partitions: int
+    masters: int | None = None  # a cluster's masters that serve slots
+    state: str | None = None  # a cluster's state ("ok" or "fail")
+
+
 class Readiness(BaseModel):
     status: str
     detail: str | None = None
+    redis: RedisTopology | None = None
     warnings: list[str] | None = None
 
 
@@ -69,10 +78,14 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     problem = await readiness(services)
     if problem is not None:
         return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
+    body: dict[str, Any] = {
+        "status": "ready",
+        "redis": await topology(services.redis, services.keys),
+    }
     warning = await eviction_warning(services.redis)
     if warning is not None:
-        return JSONResponse({"status": "ready", "warnings": [warning]})
-    return JSONResponse({"status": "ready"})
+        body["warnings"] = [warning]
+    return JSONResponse(body)
 
 
 @router.get(
