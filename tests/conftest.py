@@ -107,3 +107,11 @@ async def stack(stack_settings: Settings) -> AsyncIterator[Stack]:
     """Server and one worker in this event loop, answering through `model_server`."""
     async with running_stack(stack_settings) as running:
         yield running
+
+
+@pytest.fixture
+async def any_stack(any_redis_url: str, model_server: ModelServer) -> AsyncIterator[Stack]:
+    """`stack`, once on the one embedded Redis and once on the 3-master cluster."""
+    settings = make_settings(any_redis_url, openai_base_url=model_server.openai_base_url)
+    async with running_stack(settings) as running:
+        yield running

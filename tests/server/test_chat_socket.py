@@ -16,9 +16,9 @@ from tests.support.model_servers import ModelServer
 from tests.support.stack import Stack, running_stack
 
 
-async def test_plain_text_gets_ack_tokens_and_final_message(stack: Stack) -> None:
-    token = await stack.new_session()
-    async with stack.socket(token) as chat:
+async def test_plain_text_gets_ack_tokens_and_final_message(any_stack: Stack) -> None:
+    token = await any_stack.new_session()
+    async with any_stack.socket(token) as chat:
         await chat.send("hello there")
         ack = await chat.until("ack")
         reply = await chat.until("message")
@@ -31,7 +31,7 @@ async def test_plain_text_gets_ack_tokens_and_final_message(stack: Stack) -> Non
     assert reply["reply_to"] == ack["id"]
     assert reply["source"] == "bot"
 
-    history = await stack.history(token)
+    history = await any_stack.history(token)
     assert [(m["source"], m["msg"]) for m in history["messages"]] == [
         ("human", "hello there"),
         ("bot", "echo: hello there"),
@@ -51,14 +51,14 @@ async def test_ack_echoes_the_client_id_to_every_tab(stack: Stack) -> None:
     assert "client_id" not in plain
 
 
-async def test_json_message_command_and_order_of_replies(stack: Stack) -> None:
-    token = await stack.new_session()
-    async with stack.socket(token) as chat:
+async def test_json_message_command_and_order_of_replies(any_stack: Stack) -> None:
+    token = await any_stack.new_session()
+    async with any_stack.socket(token) as chat:
         for n in range(4):
             await chat.send(f'{{"type": "message", "msg": "number {n}"}}')
         replies = await chat.finals(4)
     assert [r["msg"] for r in replies] == [f"echo: number {n}" for n in range(4)]
-    history = await stack.history(token)
+    history = await any_stack.history(token)
     humans = [m for m in history["messages"] if m["source"] == "human"]
     bots = {m["reply_to"]: m for m in history["messages"] if m["source"] == "bot"}
     assert [bots[h["id"]]["msg"] for h in humans] == [f"echo: number {n}" for n in range(4)]
@@ -143,9 +143,13 @@ async def test_bad_frames_get_an_error_and_lose_nothing(
     assert [m["msg"] for m in history["messages"]] == ["still fine?", "echo: still fine?"]
 
 
-async def test_every_socket_of_a_session_gets_its_events_and_no_other(stack: Stack) -> None:
-    mine, other = await stack.new_session("A"), await stack.new_session("B")
-    async with stack.socket(mine) as tab1, stack.socket(mine) as tab2, stack.socket(other) as them:
+async def test_every_socket_of_a_session_gets_its_events_and_no_other(any_stack: Stack) -> None:
+    mine, other = await any_stack.new_session("A"), await any_stack.new_session("B")
+    async with (
+        any_stack.socket(mine) as tab1,
+        any_stack.socket(mine) as tab2,
+        any_stack.socket(other) as them,
+    ):
         await tab1.send("from tab one")
         first = await tab1.until("message")
         second = await tab2.until("message")
@@ -154,17 +158,19 @@ async def test_every_socket_of_a_session_gets_its_events_and_no_other(stack: Sta
         assert await them.silence(0.5) == []
 
 
-async def test_stop_keeps_the_partial_reply_marked(stack: Stack, model_server: ModelServer) -> None:
+async def test_stop_keeps_the_partial_reply_marked(
+    any_stack: Stack, model_server: ModelServer
+) -> None:
     model_server.behaviour.token_delay = 0.2
-    token = await stack.new_session()
-    async with stack.socket(token) as chat:
+    token = await any_stack.new_session()
+    async with any_stack.socket(token) as chat:
         await chat.send("one two three four five six seven eight nine ten")
         await chat.until("token")
         await chat.send('{"type": "stop"}')
         reply = await chat.until("message", timeout=5)
     assert reply["stopped"] is True
     assert reply["msg"] and len(reply["msg"]) < len("echo: one two three four five six seven")
-    stored = (await stack.history(token))["messages"][-1]
+    stored = (await any_stack.history(token))["messages"][-1]
     assert stored["stopped"] is True and stored["msg"] == reply["msg"]
 
 
