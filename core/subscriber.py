@@ -7,9 +7,9 @@ arrives, whatever the other nodes do. (redis-py's cluster Pub/Sub polls its node
 a quiet node delays the others by its read timeout, and with no channel at all it spins.)
 
 What can be missed is said, never hidden: when a node's connection fails (a restart, a
-failover, a slot moved away), `on_lost` is called, since messages may have been published
-meanwhile, and the channels it held are subscribed again, on the node now serving them, with
-backoff until that works. The connections do not retry by themselves: a silent reconnect
+failover) or Redis moves a channel away (a SUNSUBSCRIBE nobody asked for: its slot went to
+another node), `on_lost` is called, since messages may have been published meanwhile, and the
+channels are subscribed again, on the node now serving them, with backoff until that works. The connections do not retry by themselves: a silent reconnect
 would hide the gap.
 """
 
@@ -84,6 +84,8 @@ class ShardedSubscriber:
         """Subscribe and return once Redis has confirmed every channel (a message published
         before the confirmation would be missed)."""
         self._wanted.update(channels)
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.initialize()  # the slot map, on a client that sent nothing yet
         async with self._lock:
             waits = []
             for node, names in self._by_node(channels).items():
@@ -141,7 +143,7 @@ class ShardedSubscriber:
             while True:
                 message = await node.pubsub.get_message(timeout=READ_SECONDS)
                 if message is not None:
-                    self._handle(message)
+                    self._handle(node, message)
         except (RedisError, OSError) as exc:
             logger.warning("Pub/Sub connection to %s lost (%s); subscribing again", node.name, exc)
             await self._lost(node)
@@ -149,10 +151,18 @@ class ShardedSubscriber:
             self.failed = exc
             logger.exception("Pub/Sub reader for %s failed", node.name)
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, node: _Node, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
         if kind == "smessage":
             self._on_message(channel, message["data"])
+        elif kind == "sunsubscribe" and channel in self._wanted:
+            # Not asked for: the channel's slot moved to another node (resharding, or a
+            # failover that left this node up). The connection stays open, so this is the
+            # only sign that messages now go elsewhere.
+            logger.warning("Pub/Sub channel moved away from %s; subscribing again", node.name)
+            node.channels.discard(channel)
+            self._on_lost()
+            self._repair({channel})
         elif kind == "ssubscribe":
             self._losses = 0
             confirmation = self._confirmations.pop(channel, None)
@@ -166,7 +176,10 @@ class ShardedSubscriber:
         self._losses += 1
         await node.aclose()
         self._on_lost()
-        repair = asyncio.create_task(self._resubscribe(node.channels), name="sub-repair")
+        self._repair(node.channels)
+
+    def _repair(self, channels: set[str]) -> None:
+        repair = asyncio.create_task(self._resubscribe(set(channels)), name="sub-repair")
         self._repairs.add(repair)
         repair.add_done_callback(self._repairs.discard)
 
