@@ -9,8 +9,8 @@ a quiet node delays the others by its read timeout, and with no channel at all i
 What can be missed is said, never hidden: when a node's connection fails (a restart, a
 failover) or Redis moves a channel away (a SUNSUBSCRIBE nobody asked for: its slot went to
 another node), `on_lost` is called, since messages may have been published meanwhile, and the
-channels are subscribed again, on the node now serving them, with backoff until that works. The connections do not retry by themselves: a silent reconnect
-would hide the gap.
+channels are subscribed again, on the node now serving them, with backoff until that works.
+The connections do not retry by themselves: a silent reconnect would hide the gap.
 """
 
 from __future__ import annotations

@@ -129,6 +129,8 @@ class Worker:
         self._max_sessions = SESSIONS_PER_SLOT
         self._room = asyncio.Event()
         self._listening = asyncio.Event()  # every control channel subscribed
+        # Set at the first heartbeat: listening, taking entries, and counted as alive.
+        self.ready = asyncio.Event()
         self._shutting_down = asyncio.Event()
         self._drained = asyncio.Event()
         self._entry_outage = Episode("entries")
@@ -427,6 +429,7 @@ class Worker:
         Redis's clock, in the live-workers set; members silent for ten leases (killed workers)
         are dropped."""
         await r.announce(keys=[self.keys.workers_alive], args=[self.consumer, 10 * self._lease_ms])
+        self.ready.set()
 
     async def _control_loop(self, r: Resources) -> None:
         """Listen on every partition's control channel (core/subscriber.py, one connection per

@@ -158,7 +158,7 @@ async def test_missed_events_are_made_up_from_the_history(
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # the ack is through
-        hub._on_reconnect(None)  # what redis-py calls after reconnecting
+        hub._on_reconnect()  # what the subscriber calls after a lost connection
         stack.add_worker()
         events, _ = await asyncio.wait_for(reading, 20)
     final, done = events[-2], events[-1]

@@ -257,7 +257,7 @@ async def test_missed_events_are_made_up_from_the_history(
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
-        hub._on_reconnect(None)  # Pub/Sub came back after a break: events may be lost
+        hub._on_reconnect()  # Pub/Sub came back after a break: events may be lost
         stack.add_worker()
         response = await asyncio.wait_for(asking, 20)
     assert response.status_code == 201, response.text

@@ -124,8 +124,10 @@ async def running_stack(settings: Settings, *, workers: int = 1) -> AsyncIterato
     async with InProcessServer(create_app(settings), ws_max_size=WS_MAX_FRAME_BYTES) as server:
         stack = Stack(settings, server)
         try:
-            for _ in range(workers):
-                stack.add_worker()
+            started = [stack.add_worker() for _ in range(workers)]
+            # Ready when its workers are counted alive: a message sent sooner gets a `queued`
+            # notice (true, but not what most tests are about).
+            await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in started)), 30)
             yield stack
         finally:
             await stack.stop_workers()
