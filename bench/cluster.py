@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ MASTERS = 3
 WORKERS = 2
 DEFAULT_SESSIONS = (96, 480)
 GOAL_DEVIATION = 20.0  # % from the mean, per master
+IDLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class Row:
     sessions: int
     load: LoadResult
     meter: NodesMeter
+    #: The same stack with its sockets open and no messages, for IDLE_SECONDS.
+    idle: NodesMeter
 
     @property
     def messages(self) -> int:
@@ -189,14 +193,25 @@ def deviations(values: Sequence[float]) -> list[float]:
     return [100 * (v - mean) / mean if mean else float("nan") for v in values]
 
 
-async def _drive(http: str, sessions: int, options: Options, meter: NodesMeter) -> LoadResult:
+async def _drive(
+    http: str, sessions: int, options: Options, meter: NodesMeter, idle: NodesMeter
+) -> LoadResult:
+    """Opens the sessions; meters the idle stack for IDLE_SECONDS; sends one message on every
+    socket at once (the pipeline primed: the slowest of these replies is about one round of the
+    closed loop), then the closed loop, metered after a warm-up of at least that round."""
     tokens = await new_sessions(http, sessions, headers=forwarded_for)
     ws = http.replace("http://", "ws://")
     sockets = [
         await ChatSocket.open(ws, token, headers=forwarded_for(i)) for i, token in enumerate(tokens)
     ]
     try:
-        return await closed_loop(sockets, options.seconds, warmup=options.warmup, meter=meter)
+        idle.start()
+        await asyncio.sleep(IDLE_SECONDS)
+        idle.stop()
+        started = time.perf_counter()
+        await asyncio.gather(*(s.ask("hello bench") for s in sockets))
+        warmup = max(options.warmup, time.perf_counter() - started)
+        return await closed_loop(sockets, options.seconds, warmup=warmup, meter=meter)
     finally:
         await asyncio.gather(*(s.close() for s in sockets))
 
@@ -224,9 +239,9 @@ def _measure(
         server, http = bench.server(env)
         bench.wait_workers(workers)
         pids = {"server": server.pid, **{f"worker {i + 1}": w.pid for i, w in enumerate(workers)}}
-        meter = NodesMeter(ports, pids)
-        load = asyncio.run(_drive(http, sessions, options, meter))
-        rows.append(Row(layout, sessions, load, meter))
+        meter, idle = NodesMeter(ports, pids), NodesMeter(ports, pids)
+        load = asyncio.run(_drive(http, sessions, options, meter, idle))
+        rows.append(Row(layout, sessions, load, meter, idle))
         bench.stop_children([*workers, server])
     return rows
 
@@ -306,6 +321,16 @@ def table(rows: Sequence[Row], options: Options) -> Table:
             f"{row.layout}, {row.sessions} sessions: CPU ms per message {service}; most "
             "frequent Redis commands per message "
             + ", ".join(f"{name} {row.per_message(calls):.2f}" for name, calls in ranked)
+        )
+    for row in rows:
+        out.notes.append(
+            f"{row.layout}, {row.sessions} sessions, idle (sockets open, no messages) for "
+            f"{IDLE_SECONDS:g} s: Redis CPU ms/s and commands/s per node "
+            + ", ".join(
+                f":{node.port} {1000 * node.cpu / IDLE_SECONDS:.1f} / "
+                f"{node.commands / IDLE_SECONDS:.0f}"
+                for node in row.idle.nodes
+            )
         )
     out.notes.append(machine_line())
     return out
