@@ -304,7 +304,8 @@ def table(rows: Sequence[Row], options: Options) -> Table:
     out.notes.append(
         "every session from its own address (X-Forwarded-For, FORWARDED_ALLOW_IPS=127.0.0.1), "
         "so the per-address limit keys spread like any unpartitioned key; rate limits set far "
-        "above the load (their checks still run on every message)"
+        "above the load (their checks still run on every message; a limit's key then expires "
+        "within a millisecond, so DBSIZE counts the sessions' keys, not the addresses')"
     )
     if worst:
         out.notes.append(
