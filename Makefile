@@ -85,6 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
 	$(BIN)/python -m bench.batching $(BENCH_ARGS)
 	$(BIN)/python -m bench.users $(BENCH_ARGS)
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
 # One process of each kind, against a Redis you run yourself (REDIS_URL).
 server: $(STAMP)

@@ -52,9 +52,12 @@ class Asker(Protocol):
     async def close(self) -> None: ...
 
 
-async def open_socket(url: str, compression: bool = True) -> ClientConnection:
+async def open_socket(
+    url: str, compression: bool = True, headers: dict[str, str] | None = None
+) -> ClientConnection:
     return await connect(
         url,
+        additional_headers=headers,
         max_size=MAX_FRAME,
         ping_interval=None,
         open_timeout=60,
@@ -73,8 +76,15 @@ class ChatSocket:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, ws_base: str, token: str, compression: bool = True) -> ChatSocket:
-        return cls(await open_socket(f"{ws_base}/chat?token={token}", compression))
+    async def open(
+        cls,
+        ws_base: str,
+        token: str,
+        compression: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> ChatSocket:
+        """`headers`: extra request headers (a bench's X-Forwarded-For, for one)."""
+        return cls(await open_socket(f"{ws_base}/chat?token={token}", compression, headers))
 
     async def ask(self, text: str) -> Reply:
         client_id = uuid.uuid4().hex
@@ -157,12 +167,19 @@ class EchoSocket:
         await self._reader
 
 
-async def new_sessions(http_base: str, count: int) -> list[str]:
-    """Sessions made through the API (`POST /token`), as a client would."""
+async def new_sessions(
+    http_base: str, count: int, headers: Callable[[int], dict[str, str]] | None = None
+) -> list[str]:
+    """Sessions made through the API (`POST /token`), as a client would; `headers(i)`: extra
+    request headers of the i-th (a bench's X-Forwarded-For, for one)."""
     async with httpx.AsyncClient(base_url=http_base, timeout=60) as client:
 
         async def one(i: int) -> str:
-            response = await client.post("/token", params={"name": f"bench-{i}"})
+            response = await client.post(
+                "/token",
+                params={"name": f"bench-{i}"},
+                headers=headers(i) if headers is not None else None,
+            )
             response.raise_for_status()
             token: str = response.json()["token"]
             return token

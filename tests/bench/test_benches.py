@@ -7,9 +7,11 @@ they assert nothing about speed.
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
-from bench import batching, idle_sockets, pipeline, scaleout, streaming, users
+from bench import batching, cluster, idle_sockets, pipeline, scaleout, streaming, users
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
@@ -82,3 +84,22 @@ def test_users_bench_smallest() -> None:
     assert [row.concurrency for row in rows] == [users.OLD_DEFAULT, None]
     assert all(row.delivered == 4 for row in rows)
     assert "replies/s" in users.table(rows, options).render()
+
+
+def test_cluster_bench_smallest() -> None:
+    options = cluster.Options(sessions=3, seconds=0.5, warmup=0.3)
+    rows = cluster.run(options)
+    assert [row.layout for row in rows] == ["1 Redis", f"{cluster.MASTERS} masters"]
+    for row in rows:
+        assert row.load.ok and row.load.errors == 0
+        assert all(node.commands > 0 and node.keys > 0 for node in row.meter.nodes)
+    assert len(rows[1].meter.nodes) == cluster.MASTERS
+    rendered = cluster.table(rows, options).render()
+    assert "Redis CPU ms/msg" in rendered and "keys vs mean" in rendered
+
+
+def test_cluster_bench_gives_each_session_its_own_address() -> None:
+    addresses = {cluster.client_address(i) for i in range(1000)}
+    assert len(addresses) == 1000
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.0.0.0/8") for a in addresses)
+    assert cluster.deviations([1.0, 1.0, 2.0]) == pytest.approx([-25.0, -25.0, 50.0])
