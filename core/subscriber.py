@@ -102,7 +102,8 @@ class ShardedSubscriber:
         self._wanted.discard(channel)
         self._confirmations.pop(channel, None)
         async with self._lock:
-            for node in self._nodes.values():
+            # A copy: a reader that loses its node removes it from `_nodes` meanwhile.
+            for node in tuple(self._nodes.values()):
                 if channel in node.channels:
                     node.channels.discard(channel)
                     with contextlib.suppress(RedisError, OSError):
@@ -141,7 +142,7 @@ class ShardedSubscriber:
             while True:
                 message = await node.pubsub.get_message(timeout=READ_SECONDS)
                 if message is not None:
-                    self._handle(message)
+                    self._handle(node, message)
         except (RedisError, OSError) as exc:
             logger.warning("Pub/Sub connection to %s lost (%s); subscribing again", node.name, exc)
             await self._lost(node)
@@ -149,7 +150,7 @@ class ShardedSubscriber:
             self.failed = exc
             logger.exception("Pub/Sub reader for %s failed", node.name)
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, node: _Node, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
         if kind == "smessage":
             self._on_message(channel, message["data"])
@@ -158,6 +159,25 @@ class ShardedSubscriber:
             confirmation = self._confirmations.pop(channel, None)
             if confirmation is not None and not confirmation.done():
                 confirmation.set_result(None)
+        elif kind == "sunsubscribe" and channel in node.channels and channel in self._wanted:
+            self._dropped(node, channel)
+
+    def _dropped(self, node: _Node, channel: str) -> None:
+        """The node unsubscribed a channel nobody gave up: its slot moved to another node
+        (a reshard), which is where it is published now. Messages may have been missed
+        between the move and the new subscription, so the owner is told, as for a lost
+        connection, and the channel is subscribed again where it is served now."""
+        logger.warning(
+            "Pub/Sub channel %s was unsubscribed by %s (its slot moved); subscribing again",
+            channel,
+            node.name,
+        )
+        node.channels.discard(channel)
+        self._losses += 1
+        self._on_lost()
+        repair = asyncio.create_task(self._resubscribe({channel}), name="sub-repair")
+        self._repairs.add(repair)
+        repair.add_done_callback(self._repairs.discard)
 
     async def _lost(self, node: _Node) -> None:
         """Tell the owner that messages may have been missed, drop the node's connection, and
