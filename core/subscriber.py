@@ -63,10 +63,15 @@ class ShardedSubscriber:
         redis: AnyRedis,
         on_message: Callable[[str, str], None],
         on_lost: Callable[[], None],
+        on_moved: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_lost`: a node's connection was lost, so any channel may have missed messages.
+        `on_moved(channel)`: only that channel may have (its slot moved to another node);
+        without it, `on_lost` is called then too."""
         self._redis = redis
         self._on_message = on_message
         self._on_lost = on_lost
+        self._on_moved = on_moved
         self._nodes: dict[str, _Node] = {}
         self._wanted: set[str] = set()
         self._confirmations: dict[str, asyncio.Future[None]] = {}
@@ -165,8 +170,8 @@ class ShardedSubscriber:
     def _dropped(self, node: _Node, channel: str) -> None:
         """The node unsubscribed a channel nobody gave up: its slot moved to another node
         (a reshard), which is where it is published now. Messages may have been missed
-        between the move and the new subscription, so the owner is told, as for a lost
-        connection, and the channel is subscribed again where it is served now."""
+        between the move and the new subscription, so the owner is told (about this channel
+        only, when it asked), and the channel is subscribed again where it is served now."""
         logger.warning(
             "Pub/Sub channel %s was unsubscribed by %s (its slot moved); subscribing again",
             channel,
@@ -174,7 +179,10 @@ class ShardedSubscriber:
         )
         node.channels.discard(channel)
         self._losses += 1
-        self._on_lost()
+        if self._on_moved is not None:
+            self._on_moved(channel)
+        else:
+            self._on_lost()
         repair = asyncio.create_task(self._resubscribe({channel}), name="sub-repair")
         self._repairs.add(repair)
         repair.add_done_callback(self._repairs.discard)

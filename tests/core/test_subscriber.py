@@ -36,7 +36,13 @@ async def test_a_channel_whose_slot_moves_is_subscribed_again(
     await redis.initialize()
     got: list[str] = []
     lost = asyncio.Event()
-    subscriber = ShardedSubscriber(redis, lambda _c, data: got.append(data), lost.set)
+    moved: list[str] = []
+
+    def on_moved(channel: str) -> None:
+        moved.append(channel)
+        lost.set()
+
+    subscriber = ShardedSubscriber(redis, lambda _c, data: got.append(data), lambda: None, on_moved)
     channel = "test:{moving}:events"
     try:
         await subscriber.subscribe(channel)
@@ -51,6 +57,7 @@ async def test_a_channel_whose_slot_moves_is_subscribed_again(
                 await redis.spublish(channel, "after the move")
                 await asyncio.sleep(0.1)
         assert got[0] == "after the move"
+        assert moved == [channel]  # that channel only, not a lost connection
     finally:
         await subscriber.aclose()
         await redis.aclose()

@@ -216,7 +216,8 @@ async def test_a_slot_range_resharded_under_load_loses_nothing(
     resynced = sum(1 for u in people for log in u.sockets if log.close_code == RESYNC_CODE)
     run.notes = (
         f"{len(slots)} slot(s) with {len(moved_sessions)} sessions moved "
-        f"({seen['keys']} keys); {resynced} sockets told 1012"
+        f"({seen['keys']} keys); {resynced} sockets told 1012; sessions not moved told: "
+        f"{sum(told_to_resync(u) for u in people if u not in moved_sessions)}"
     )
     assert moved_sessions, "no live session was on a moved slot"
     assert seen["loaded after"], "the load ended before the reshard did"
