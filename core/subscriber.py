@@ -63,10 +63,15 @@ class ShardedSubscriber:
         redis: AnyRedis,
         on_message: Callable[[str, str], None],
         on_lost: Callable[[], None],
+        on_moved: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_lost`: a node's connection was lost, so any channel may have missed messages.
+        `on_moved(channel)`: only that channel may have (its slot moved to another node);
+        without it, `on_lost` is called then too."""
         self._redis = redis
         self._on_message = on_message
         self._on_lost = on_lost
+        self._on_moved = on_moved
         self._nodes: dict[str, _Node] = {}
         self._wanted: set[str] = set()
         self._confirmations: dict[str, asyncio.Future[None]] = {}
@@ -104,7 +109,8 @@ class ShardedSubscriber:
         self._wanted.discard(channel)
         self._confirmations.pop(channel, None)
         async with self._lock:
-            for node in self._nodes.values():
+            # A copy: a reader that loses its node removes it from `_nodes` meanwhile.
+            for node in tuple(self._nodes.values()):
                 if channel in node.channels:
                     node.channels.discard(channel)
                     with contextlib.suppress(RedisError, OSError):
@@ -155,19 +161,31 @@ class ShardedSubscriber:
         kind, channel = message["type"], message["channel"]
         if kind == "smessage":
             self._on_message(channel, message["data"])
-        elif kind == "sunsubscribe" and channel in self._wanted:
-            # Not asked for: the channel's slot moved to another node (resharding, or a
-            # failover that left this node up). The connection stays open, so this is the
-            # only sign that messages now go elsewhere.
-            logger.warning("Pub/Sub channel moved away from %s; subscribing again", node.name)
-            node.channels.discard(channel)
-            self._on_lost()
-            self._repair({channel})
         elif kind == "ssubscribe":
             self._losses = 0
             confirmation = self._confirmations.pop(channel, None)
             if confirmation is not None and not confirmation.done():
                 confirmation.set_result(None)
+        elif kind == "sunsubscribe" and channel in node.channels and channel in self._wanted:
+            self._dropped(node, channel)
+
+    def _dropped(self, node: _Node, channel: str) -> None:
+        """The node unsubscribed a channel nobody gave up: its slot moved to another node
+        (a reshard), which is where it is published now. Messages may have been missed
+        between the move and the new subscription, so the owner is told (about this channel
+        only, when it asked), and the channel is subscribed again where it is served now."""
+        logger.warning(
+            "Pub/Sub channel %s was unsubscribed by %s (its slot moved); subscribing again",
+            channel,
+            node.name,
+        )
+        node.channels.discard(channel)
+        self._losses += 1
+        if self._on_moved is not None:
+            self._on_moved(channel)
+        else:
+            self._on_lost()
+        self._repair({channel})
 
     async def _lost(self, node: _Node) -> None:
         """Tell the owner that messages may have been missed, drop the node's connection, and

@@ -148,7 +148,9 @@ class EventHub:
     def __init__(self, redis: AnyRedis, keys: Keys, outbox_max_bytes: int = 1024 * 1024) -> None:
         self._keys = keys
         self._outbox_max_bytes = outbox_max_bytes
-        self._subscriber = ShardedSubscriber(redis, self._deliver, self._on_reconnect)
+        self._subscriber = ShardedSubscriber(
+            redis, self._deliver, self._on_reconnect, self._on_moved
+        )
         self._subscribers: dict[str, set[Outbox]] = {}
         self._subscribing: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
@@ -205,6 +207,16 @@ class EventHub:
         for members in self._subscribers.values():
             for outbox in members:
                 outbox.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
+
+    def _on_moved(self, channel: str) -> None:
+        """The channel's slot moved to another node (a reshard): only its sockets may have
+        missed events, so only they are told to resync; the other sessions go on."""
+        members = self._subscribers.get(channel, set())
+        logger.warning(
+            "channel's slot moved; closing its %d socket(s) so they resync", len(members)
+        )
+        for outbox in members:
+            outbox.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
 
     def _deliver(self, channel: str, frame: str) -> None:
         """Put the event in every outbox of the channel; after a `deleted` event, the close

@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 
 from core.keys import Keys
 from core.models import new_id, short
-from core.redis import AnyRedis, load_script
+from core.redis import AnyRedis, is_cluster, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ class LeaseManager:
             await self._release(keys=[lease.key], args=[lease.owner])
             return
         stream = self._keys.requests_for(lease.token)
+        if is_cluster(self._redis):
+            # redis-py's cluster pipeline refuses scripts (EVALSHA): two round trips, each
+            # idempotent, in the same order (the lease first, then the entry).
+            await self._release(keys=[lease.key], args=[lease.owner])
+            await finish_entry(self._redis, self._keys, stream, done)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._release.sha, 1, lease.key, lease.owner)
             pipe.xack(stream, self._keys.group, done)

@@ -49,7 +49,7 @@ from core.store import SessionStore
 from core.subscriber import ShardedSubscriber
 from worker.backends import ModelBackend, create_backend
 from worker.leases import LeaseManager, finish_entry
-from worker.outage import Episode, is_nogroup, is_transient
+from worker.outage import REDIS_TROUBLE, Episode, is_nogroup, is_transient
 from worker.responder import LeaseLost, Responder
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class Worker:
         while not self._shutting_down.is_set():
             try:
                 await step()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 if not is_transient(exc):
                     raise
                 with contextlib.suppress(TimeoutError):
@@ -323,7 +323,7 @@ class Worker:
         while not until.is_set():
             try:
                 await step()
-            except (RedisError, OSError) as exc:
+            except REDIS_TROUBLE as exc:
                 if not is_transient(exc):
                     raise
                 if is_nogroup(exc):

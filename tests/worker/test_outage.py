@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from redis.asyncio import Connection
 from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
@@ -54,3 +55,24 @@ def test_an_episode_logs_once_and_backs_off(caplog: pytest.LogCaptureFixture) ->
     episode.ended()
     assert delays[:3] == [0.1, 0.2, 0.4] and delays[-1] == 5.0
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+
+
+async def test_a_connection_torn_inside_redis_py_is_waited_out() -> None:
+    """A topology refresh of the cluster client can close a connection another task is
+    opening; redis-py then raises AttributeError from its connection code. The failover run
+    of tests/system/test_cluster_faults.py stopped every worker on it ("read loop failed")."""
+    connection = Connection()
+    connection._writer = None  # what a concurrent disconnect leaves behind
+    with pytest.raises(AttributeError) as torn:
+        await connection._send_packed_command([b"PING"])
+    assert is_transient(torn.value)
+
+
+def test_the_same_classes_raised_elsewhere_are_bugs() -> None:
+    def ours() -> None:
+        raise AttributeError("'NoneType' object has no attribute 'token'")
+
+    with pytest.raises(AttributeError) as bug:
+        ours()
+    assert not is_transient(bug.value)
+    assert not is_transient(RuntimeError("dictionary changed size during iteration"))
