@@ -80,5 +80,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(os.environ.get("LOG_LEVEL", level).upper())
     redact_every_handler()
     # Per-request and per-frame noise stays out of INFO.
-    for noisy in ("httpx", "httpcore", "httpx2", "openai", "huggingface_hub"):
+    for noisy in ("aiohttp", "httpx", "httpcore", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

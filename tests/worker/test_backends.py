@@ -8,12 +8,14 @@ Faults are scripted on the server; nothing in the client libraries is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -179,6 +181,68 @@ async def test_hf_chat_form_streams_the_reply_and_sends_the_hf_token(
     assert body["model"] == "org/name"
     assert [turn["role"] for turn in body["messages"]] == ["system", "user", "assistant", "user"]
     assert body["messages"][-1]["content"] == "how are you?"
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy on loopback: it notes each request line it is sent (a proxied
+    request names the whole URL) and relays the connection to the origin."""
+
+    def __init__(self) -> None:
+        self.request_lines: list[str] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> ForwardProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line, _, rest = head.partition(b"\r\n")
+        method, target, version = line.decode().split(" ")
+        self.request_lines.append(f"{method} {target}")
+        origin = urlsplit(target)
+        up_reader, up_writer = await asyncio.open_connection(origin.hostname, origin.port)
+        path = origin.path + (f"?{origin.query}" if origin.query else "")
+        up_writer.write(f"{method} {path} {version}\r\n".encode() + rest)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while block := await src.read(65536):
+                dst.write(block)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.mark.parametrize("bypassed", [False, True], ids=["proxied", "no-proxy"])
+async def test_the_openai_backend_goes_through_the_proxy_the_environment_names(
+    model_server: ModelServer,
+    make_backend: BackendFactory,
+    history: list[Message],
+    monkeypatch: pytest.MonkeyPatch,
+    bypassed: bool,
+) -> None:
+    """HTTP_PROXY is honoured as httpx and the SDK honoured it (the backend reads it once, at
+    start), and NO_PROXY exempts a host."""
+    async with ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1" if bypassed else "example.invalid")
+        backend = await make_backend("openai")
+
+        assert "".join(await collect(backend, history)) == ECHO
+
+    expected = [] if bypassed else [f"POST {model_server.url}/v1/chat/completions"]
+    assert proxy.request_lines == expected
+    assert len(model_server.received) == 1
 
 
 async def test_hf_text_generation_sends_the_tagged_prompt_and_streams_the_echo(

@@ -1,12 +1,18 @@
 """Chat completions from any OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama, the
-Hugging Face router), over a few shared `httpx.AsyncClient`s (HTTP keep-alive; see POOLS),
-with the server-sent events parsed here.
+Hugging Face router), over one shared `aiohttp.ClientSession` (HTTP keep-alive), with the
+server-sent events parsed here.
 
 Not the official `openai` client: its per-request work (building the request through its
 option models, its connection-pool bookkeeping, a pydantic object per streamed chunk) was
-about 45% of the worker's CPU with a fast model (docs/benchmarks.md, issue 12). The request
-is a plain JSON POST and each event is one `json.loads`; the reply ends at `data: [DONE]`
-(the body is still read to its end, so the connection goes back to the pool).
+about 45% of the worker's CPU with a fast model (docs/benchmarks.md, issue 12). Not `httpx`
+either: on the same streamed request to a local server, httpx took 1.37 CPU ms and aiohttp
+(its HTTP parser is in C) 0.18 ms, at 50 requests in flight (docs/benchmarks.md, goal 2).
+The request is a plain JSON POST and each event is one `json.loads`; the reply ends at
+`data: [DONE]` (the body is still read to its end, so the connection goes back to the pool).
+
+Like httpx, it honours HTTP(S)_PROXY and NO_PROXY (`env_proxy`, read once at start: aiohttp's
+own `trust_env` reads them, and ~/.netrc, in a thread on every request) and verifies TLS
+against certifi's certificates.
 
 Retries are the worker's (`stream_with_retries`): a 503 "model is loading" waits for the
 `estimated_time` it names and every retry stays inside MODEL_TIMEOUT_SECONDS. Errors map as
@@ -17,14 +23,16 @@ stream to a `ModelError`.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import logging
+import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+import certifi
 
 from core.config import Settings
 from core.models import Message
@@ -41,13 +49,10 @@ from worker.prompt import chat_turns
 logger = logging.getLogger(__name__)
 
 # Connections to the model server: a remote API serves hundreds of generations at once per
-# worker (ModelBackend.default_concurrency), each on its own kept-alive connection. They are
-# spread over POOLS clients, taken in turn: httpcore's pool scans every connection it holds
-# (a readability check each) on every request and every response closed, so one pool of 50
-# connections cost 22% of the worker's CPU at 170 replies/s (py-spy, docs/benchmarks.md);
-# POOLS pools of a sixteenth each scan a sixteenth as much.
-POOLS = 16
-POOL = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+# worker (ModelBackend.default_concurrency), each on its own kept-alive connection. The
+# worker's slots (WORKER_CONCURRENCY) bound how many are open, so the pool itself does not
+# (aiohttp's default of 100 would queue the rest); idle ones close after KEEPALIVE_SECONDS.
+KEEPALIVE_SECONDS = 30.0
 
 
 class ChatCompletionsBackend(ModelBackend):
@@ -59,19 +64,41 @@ class ChatCompletionsBackend(ModelBackend):
         self.size_prompt(settings, settings.model_context_tokens)
         self._what = f"the model server at {base_url}"
         self._url = base_url.rstrip("/") + "/chat/completions"
-        headers = {
+        self._headers = {
             # Local servers (vLLM, llama.cpp, Ollama) take any key.
             "Authorization": f"Bearer {api_key or 'not-needed'}",
             "Accept": "text/event-stream",
         }
-        self._clients = [
-            httpx.AsyncClient(headers=headers, timeout=settings.model_timeout_seconds, limits=POOL)
-            for _ in range(POOLS)
-        ]
-        self._turn = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy = env_proxy(self._url)
+        if self._proxy:
+            logger.info("Model requests go through the proxy %s", urlsplit(self._proxy).netloc)
+
+    async def start(self) -> None:
+        self._open()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client in self._clients))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on the event loop that uses it (at `start`, or the first request
+        of a backend that was not started)."""
+        if self._session is None:
+            seconds = self._settings.model_timeout_seconds
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                # As httpx's timeout was: each connect and each read may take this long; the
+                # whole reply is bounded by the worker (MODEL_TIMEOUT_SECONDS per attempt).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds),
+                connector=aiohttp.TCPConnector(
+                    limit=0,
+                    keepalive_timeout=KEEPALIVE_SECONDS,
+                    ssl=ssl.create_default_context(cafile=certifi.where()),
+                ),
+            )
+        return self._session
 
     def stream_reply(
         self, history: Sequence[Message], usage: Usage | None = None
@@ -109,22 +136,29 @@ class ChatCompletionsBackend(ModelBackend):
             "temperature": self._settings.model_temperature,
         }
         try:
-            client = self._clients[next(self._turn) % POOLS]
-            async with client.stream("POST", self._url, json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise http_failure(response.status_code, _body(response), response.headers)
+            async with self._open().post(self._url, json=body, proxy=self._proxy) as response:
+                if response.status >= 400:
+                    raise http_failure(response.status, await _body(response), response.headers)
                 done = False
-                async for data in sse_data(response.aiter_bytes()):
+                async for data in sse_data(response.content.iter_any()):
                     # Read on after [DONE] to the body's end, as the SDK does: a response
                     # closed unread takes its connection with it (no keep-alive).
                     done = done or data == b"[DONE]"
                     if not done:
                         yield _chunk(data)
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
             raise TransientModelError("Request timed out.") from exc
-        except httpx.TransportError as exc:  # refused, reset, cut mid-stream, bad HTTP
+        except aiohttp.ClientError as exc:  # refused, reset, cut mid-stream, bad HTTP
             raise TransientModelError(f"Connection error: {exc or type(exc).__name__}") from exc
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY / HTTP_PROXY by its scheme, none
+    when NO_PROXY covers its host), as curl, requests and httpx read them."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
 
 
 async def sse_data(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -173,9 +207,10 @@ def _detail(error: object) -> str:
     return str(error)
 
 
-def _body(response: httpx.Response) -> object:
+async def _body(response: aiohttp.ClientResponse) -> object:
     """The whole error body: a loading model's `estimated_time` sits beside its "error"."""
+    raw = await response.read()
     try:
-        return response.json()
+        return json.loads(raw)
     except ValueError:
-        return response.text
+        return raw.decode("utf-8", "replace")
