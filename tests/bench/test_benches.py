@@ -59,6 +59,7 @@ def test_streaming_bench_smallest() -> None:
     options = streaming.Options(rounds=1, tokens=4)
     result = streaming.run(options)
     assert result.model[0].tokens > 0 and result.stack[0].tokens > 0
+    assert result.backend[0].tokens > 0 and result.backend[0].first_token_ms > 0
     assert result.uncoalesced[0].publishes >= result.stack[0].publishes
     assert "model alone" in streaming.table(result, options).render()
 
