@@ -87,6 +87,7 @@ class ModelAlone:
             model_path=str(settings.local_model_path or default_model_path()),
             n_ctx=settings.local_context_tokens,
             n_threads=settings.local_threads,
+            n_threads_batch=settings.local_batch_threads,
             verbose=False,
         )
         history = [Message(source=Source.HUMAN, msg=PROMPT)]

@@ -180,7 +180,18 @@ class Settings(BaseSettings):
     local_context_tokens: int = Field(
         default=2048, ge=64, description="context window of each local-model slot, in tokens"
     )
-    local_threads: int | None = None
+    local_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for a decode step of one sequence (unset: half the cores, "
+        "llama-cpp-python's default)",
+    )
+    local_batch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for a prompt's prefill and for a decode step of several "
+        "sequences (unset: every core, llama-cpp-python's default)",
+    )
     local_cpu_flags: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["avx", "avx2", "fma", "f16c", "bmi2"],
         description="/proc/cpuinfo flags the llama.cpp build needs, checked before loading it "

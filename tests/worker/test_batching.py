@@ -7,6 +7,7 @@ one sequence in another), and a stop must give its slot back before the next ste
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
@@ -172,3 +173,21 @@ async def test_closing_ends_replies_in_flight_with_an_error(greedy: Settings) ->
         async for _ in stream:
             pass
     await asyncio.wait_for(closing, 30)
+
+
+async def test_a_prefill_and_a_step_of_several_use_every_core_unless_told(greedy: Settings) -> None:
+    """llama.cpp runs a prompt's prefill and a step of several sequences on its batch threads;
+    with them at half the cores (one of two), a first token took twice as long as with
+    llama-cpp-python's own defaults: half the cores per one-token step, all of them per batch."""
+    cores = os.cpu_count() or 1
+    for settings, expected in (
+        (greedy, (max(cores // 2, 1), cores)),
+        (greedy.model_copy(update={"local_threads": 1, "local_batch_threads": 1}), (1, 1)),
+    ):
+        local = LocalBackend(settings)
+        await local.start()
+        try:
+            assert local._engine is not None
+            assert local._engine.threads == expected
+        finally:
+            await local.aclose()

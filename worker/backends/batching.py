@@ -39,6 +39,17 @@ class EngineConfig:
     threads: int | None
     temperature: float
     max_new_tokens: int
+    batch_threads: int | None = None
+
+
+def thread_counts(config: EngineConfig) -> tuple[int, int]:
+    """(threads for a step of one token, threads for a batch of several): llama.cpp uses the
+    second for a prompt's prefill and for a step of several sequences. Unset, they are
+    llama-cpp-python's defaults: half the cores, and every core. A prefill is compute-bound,
+    so one thread of two made the first token of a 34-token prompt take about 220 ms instead
+    of 117 (docs/benchmarks.md, goal 3)."""
+    cores = multiprocessing.cpu_count()
+    return config.threads or max(cores // 2, 1), config.batch_threads or cores
 
 
 @dataclass(eq=False)
@@ -84,7 +95,6 @@ class BatchEngine:
         self._model = _internals.LlamaModel(
             path_model=str(self.config.model_path), params=model_params, verbose=False
         )
-        threads = self.config.threads or max(multiprocessing.cpu_count() // 2, 1)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.config.context_per_slot * self.config.slots
         params.n_seq_max = self.config.slots
@@ -93,7 +103,7 @@ class BatchEngine:
         # the others.
         params.kv_unified = True
         params.n_batch = params.n_ubatch = 512
-        params.n_threads = params.n_threads_batch = threads
+        params.n_threads, params.n_threads_batch = thread_counts(self.config)
         params.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
@@ -157,6 +167,16 @@ class BatchEngine:
         generation.cancelled.set()
         with self._lock:
             self._lock.notify_all()
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """The loaded context's (threads per one-token step, threads per batch), as llama.cpp
+        reports them (read by tests)."""
+        import llama_cpp
+
+        return llama_cpp.llama_n_threads(self._ctx.ctx), llama_cpp.llama_n_threads_batch(
+            self._ctx.ctx
+        )
 
     @property
     def active(self) -> int:

@@ -104,6 +104,7 @@ class LocalBackend(ModelBackend):
                 slots=self._settings.local_batch_slots,
                 context_per_slot=self._settings.local_context_tokens,
                 threads=self._settings.local_threads,
+                batch_threads=self._settings.local_batch_threads,
                 temperature=self._settings.model_temperature,
                 max_new_tokens=self._settings.model_max_new_tokens,
             )
