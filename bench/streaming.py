@@ -94,6 +94,9 @@ class ModelAlone:
         self._turns: Any = chat_turns(history, settings.system_prompt)
 
     def generate(self) -> Timing:
+        # Forget the last prompt: llama-cpp-python would otherwise reuse its evaluated tokens
+        # (the same prompt every round) and skip the prefill a new conversation pays.
+        self._llm.reset()
         start = time.perf_counter()
         first = last = 0.0
         tokens = 0
