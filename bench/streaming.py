@@ -96,7 +96,7 @@ class ModelAlone:
     def generate(self) -> Timing:
         # Forget the last prompt: llama-cpp-python would otherwise reuse its evaluated tokens
         # (the same prompt every round) and skip the prefill a new conversation pays.
-        self._llm.reset()
+        self._llm.reset()  # type: ignore[no-untyped-call]
         start = time.perf_counter()
         first = last = 0.0
         tokens = 0
