@@ -22,13 +22,12 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench.support import Table, command_line, machine_line, median, quiet_logging, ratio
 from core.config import Settings
 from core.models import Message, Source
-from worker.backends.batching import EngineConfig, thread_counts
+from worker.backends.batching import thread_counts
 from worker.backends.local import LocalBackend, default_model_path
 from worker.prompt import chat_turns
 
@@ -90,15 +89,7 @@ class Ceiling:
         ctx.n_batch = ctx.n_ubatch = 512
         # The worker's own thread counts (LOCAL_THREADS, LOCAL_BATCH_THREADS).
         ctx.n_threads, ctx.n_threads_batch = thread_counts(
-            EngineConfig(
-                model_path=Path(path),
-                slots=slots,
-                context_per_slot=settings.local_context_tokens,
-                threads=settings.local_threads,
-                temperature=0,
-                max_new_tokens=settings.model_max_new_tokens,
-                batch_threads=settings.local_batch_threads,
-            )
+            settings.local_threads, settings.local_batch_threads
         )
         self._ctx = internals.LlamaContext(model=self._model, params=ctx, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)

@@ -42,14 +42,14 @@ class EngineConfig:
     batch_threads: int | None = None
 
 
-def thread_counts(config: EngineConfig) -> tuple[int, int]:
+def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, int]:
     """(threads for a step of one token, threads for a batch of several): llama.cpp uses the
     second for a prompt's prefill and for a step of several sequences. Unset, they are
     llama-cpp-python's defaults: half the cores, and every core. A prefill is compute-bound,
     so one thread of two made the first token of a 34-token prompt take about 220 ms instead
     of 117 (docs/benchmarks.md, goal 3)."""
     cores = multiprocessing.cpu_count()
-    return config.threads or max(cores // 2, 1), config.batch_threads or cores
+    return threads or max(cores // 2, 1), batch_threads or cores
 
 
 @dataclass(eq=False)
@@ -103,7 +103,9 @@ class BatchEngine:
         # the others.
         params.kv_unified = True
         params.n_batch = params.n_ubatch = 512
-        params.n_threads, params.n_threads_batch = thread_counts(self.config)
+        params.n_threads, params.n_threads_batch = thread_counts(
+            self.config.threads, self.config.batch_threads
+        )
         params.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
