@@ -27,8 +27,9 @@ from typing import Any
 from bench.support import Table, command_line, machine_line, median, quiet_logging, ratio
 from core.config import Settings
 from core.models import Message, Source
-from worker.backends.batching import thread_counts
-from worker.backends.local import LocalBackend, default_model_path
+from worker.backends.batching import context_params
+from worker.backends.local import LocalBackend
+from worker.backends.model_file import model_file
 from worker.prompt import chat_turns
 
 TOPICS = ["a lighthouse", "a cat", "the sea", "a train", "a garden", "a robot", "winter", "a city"]
@@ -79,17 +80,15 @@ class Ceiling:
         self._llama: Any = llama_cpp
         internals: Any = _internals
         self._internals = internals
-        path = str(settings.local_model_path or default_model_path())
+        path = str(model_file(settings))
         params = llama_cpp.llama_model_default_params()
         self._model = internals.LlamaModel(path_model=path, params=params, verbose=False)
-        ctx = llama_cpp.llama_context_default_params()
-        ctx.n_ctx = settings.local_context_tokens * slots
-        ctx.n_seq_max = slots
-        ctx.kv_unified = True
-        ctx.n_batch = ctx.n_ubatch = 512
-        # The worker's own thread counts (LOCAL_THREADS, LOCAL_BATCH_THREADS).
-        ctx.n_threads, ctx.n_threads_batch = thread_counts(
-            settings.local_threads, settings.local_batch_threads
+        # The worker's own context (KV streams, attention, LOCAL_THREADS, LOCAL_BATCH_THREADS).
+        ctx = context_params(
+            slots,
+            settings.local_context_tokens,
+            settings.local_threads,
+            settings.local_batch_threads,
         )
         self._ctx = internals.LlamaContext(model=self._model, params=ctx, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)

@@ -52,6 +52,30 @@ def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, 
     return threads or max(cores // 2, 1), batch_threads or cores
 
 
+def context_params(
+    slots: int, context_per_slot: int, threads: int | None, batch_threads: int | None
+) -> Any:
+    """The llama.cpp context the engine decodes in (and the batching bench's ceiling too).
+
+    Each sequence has a KV stream of its own (`kv_unified` off) of `context_per_slot` cells,
+    and attention is flash attention. In one shared buffer, every sequence's attention ran over
+    the cells of all of them, so a step of 8 cost about 8 x 8 times one sequence's attention;
+    split, with flash attention, 8 sequences decode 2.9x the tokens/s of one instead of 2.5x
+    (Q8_0; docs/benchmarks.md, goal 4).
+    """
+    import llama_cpp
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = context_per_slot * slots
+    params.n_seq_max = slots
+    params.kv_unified = False
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.n_batch = params.n_ubatch = 512
+    params.n_threads, params.n_threads_batch = thread_counts(threads, batch_threads)
+    params.no_perf = True
+    return params
+
+
 @dataclass(eq=False)
 class Generation:
     """One request's state; only the engine thread touches the fields after `submit`."""
@@ -95,18 +119,12 @@ class BatchEngine:
         self._model = _internals.LlamaModel(
             path_model=str(self.config.model_path), params=model_params, verbose=False
         )
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.config.context_per_slot * self.config.slots
-        params.n_seq_max = self.config.slots
-        # One KV buffer for all sequences: measured faster here than split streams, and each
-        # sequence is held to context_per_slot cells (submit, _sample), so none can crowd out
-        # the others.
-        params.kv_unified = True
-        params.n_batch = params.n_ubatch = 512
-        params.n_threads, params.n_threads_batch = thread_counts(
-            self.config.threads, self.config.batch_threads
+        params = context_params(
+            self.config.slots,
+            self.config.context_per_slot,
+            self.config.threads,
+            self.config.batch_threads,
         )
-        params.no_perf = True
         self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
         self._formatter = self._chat_formatter(llama_chat_format)
