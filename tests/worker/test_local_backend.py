@@ -17,7 +17,7 @@ from tests.support.stack import running_stack
 from worker.backends import ModelUnavailable
 from worker.backends import local as local_module
 from worker.backends.base import Usage
-from worker.backends.local import LocalBackend, default_model_path, missing_cpu_flags
+from worker.backends.local import LocalBackend, missing_cpu_flags
 from worker.prompt import CUT_MARK
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,9 @@ def ask(text: str) -> list[Message]:
     return [Message(source=Source.HUMAN, msg=text)]
 
 
-def test_default_model_ships_in_the_wheel() -> None:
-    path = default_model_path()
-    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.stat().st_size > 50_000_000
+async def test_the_default_model_loads_as_its_q8_0_copy(backend: LocalBackend) -> None:
+    assert backend.model_path is not None
+    assert backend.model_path.name.startswith("SmolLM2-135M-Instruct.Q8_0.")
 
 
 async def test_generates_a_streamed_reply(backend: LocalBackend) -> None:

