@@ -37,7 +37,7 @@ from core.models import (
     title_from_message,
     utcnow,
 )
-from core.redis import AnyRedis, load_script
+from core.redis import AnyRedis, is_cluster, load_script
 
 logger = logging.getLogger(__name__)
 
@@ -258,13 +258,14 @@ class SessionStore:
         backlog_capped: bool = True,
         message_id: str | None = None,
     ) -> Queued | RateLimited | BacklogFull | None:
-        """Check the address's rate limit (a step of its own: its key is not the session's),
-        then, in one atomic step and one round trip in the session's slot, the session's
-        backlog (MAX_UNANSWERED_MESSAGES) and rate limit, and store the message, queue it for
-        a worker and announce it (its `ack`), trimming the history to its cap. The message is
-        stamped with Redis's time, not this process's. Returns None when the session has
-        expired. `rate_limited`/`backlog_capped` False: no limit (test shortcuts).
-        `message_id` (`client_message_id`): a retry with it is not stored again.
+        """Check the address's rate limit, then the session's backlog (MAX_UNANSWERED_MESSAGES)
+        and rate limit, and store the message, queue it for a worker and announce it (its
+        `ack`), trimming the history to its cap: one atomic step and one round trip in the
+        session's slot. On a Redis Cluster the address's key sits in another slot, so its check
+        is a step of its own before it. The message is stamped with Redis's time, not this
+        process's. Returns None when the session has expired. `rate_limited`/`backlog_capped`
+        False: no limit (test shortcuts). `message_id` (`client_message_id`): a retry with it
+        is not stored again.
 
         The address limit counts attempts, so a message the session's own checks refuse still
         counts against its address. Once the message is stored, nothing after it (the owner's
@@ -272,10 +273,19 @@ class SessionStore:
         settings = self._settings
         per_address = settings.rate_limit_address_messages if rate_limited and address else 0
         window_s = settings.rate_limit_window_seconds
-        if per_address:
+        keys = [
+            self.keys.session(token),
+            self.keys.requests_for(token),
+            self.keys.session_rate(token),
+        ]
+        address_args: list[int] = []
+        if per_address and is_cluster(self.redis):
             wait = await self.check_rate("msg-address", address or "-", per_address, window_s)
             if wait:
                 return RateLimited(wait)
+        elif per_address:
+            keys.append(self.keys.rate("msg-address", address or "-"))
+            address_args.append(per_address)
         message = Message(id=message_id or new_id(), source=Source.HUMAN, msg=text)
         ack = AckEvent(
             id=message.id, msg=message.msg, timestamp=message.timestamp, client_id=client_id
@@ -284,11 +294,7 @@ class SessionStore:
         # The member the script replaces with Redis's time, in the message and in the ack.
         stamp = '"timestamp":' + json.dumps(message.model_dump(mode="json")["timestamp"])
         result: Any = await self._add_human(
-            keys=[
-                self.keys.session(token),
-                self.keys.requests_for(token),
-                self.keys.session_rate(token),
-            ],
+            keys=keys,
             args=[
                 message_json,
                 self._ttl,
@@ -302,12 +308,13 @@ class SessionStore:
                 self._history_cap,
                 settings.max_unanswered_messages if backlog_capped else 0,
                 json.dumps(title_from_message(text)),
+                *address_args,
             ],
         )
         status = int(result[0])
         if status == 0:
             return None
-        if status == 2:
+        if status in (2, 5):  # the session's limit, or the address's
             return RateLimited(retry_after_seconds(int(result[1])))
         if status == 4:
             return BacklogFull(int(result[1]))

@@ -268,18 +268,43 @@ async def test_a_stored_message_is_acked_even_when_the_steps_after_it_fail(
     assert stored is not None and [m.msg for m in stored] == ["kept"]
 
 
-async def test_the_address_limit_is_a_step_of_its_own_outside_the_sessions_slot(
+async def evalsha_calls(redis: Redis) -> int:
+    stats: Any = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_on_one_redis_the_address_limit_is_checked_in_the_messages_own_round_trip(
     redis_url: str, redis: Redis
 ) -> None:
-    settings = make_settings(redis_url, rate_limit_address_messages=1)
+    settings = make_settings(redis_url, rate_limit_address_messages=2)
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
     assert isinstance(await store.queue_message(session.token, "a", address="192.0.2.9"), Queued)
-    refused = await store.queue_message(session.token, "b", address="192.0.2.9")
+    before = await evalsha_calls(redis)  # the scripts are loaded now
+    assert isinstance(await store.queue_message(session.token, "b"), Queued)
+    unlimited = await evalsha_calls(redis) - before
+    before = await evalsha_calls(redis)
+    assert isinstance(await store.queue_message(session.token, "b", address="192.0.2.9"), Queued)
+    assert await evalsha_calls(redis) - before == unlimited  # no script call of its own
+    refused = await store.queue_message(session.token, "c", address="192.0.2.9")
     assert isinstance(refused, RateLimited)
     assert await redis.exists(store.keys.rate("msg-address", "192.0.2.9")) == 1
     stored = await sessions.messages(store, session.token)
-    assert stored is not None and [m.msg for m in stored] == ["a"]
+    assert stored is not None and [m.msg for m in stored] == ["a", "b", "b"]
+
+
+async def test_the_address_limit_counts_attempts_the_session_refuses(
+    redis_url: str, redis: Redis
+) -> None:
+    settings = make_settings(redis_url, rate_limit_address_messages=2, max_unanswered_messages=1)
+    store = SessionStore(redis, settings)
+    first, second = await store.create("Ann"), await store.create("Bob")
+    assert isinstance(await store.queue_message(first.token, "a", address="192.0.2.9"), Queued)
+    full = await store.queue_message(first.token, "b", address="192.0.2.9")
+    assert isinstance(full, BacklogFull)
+    refused = await store.queue_message(second.token, "c", address="192.0.2.9")
+    assert isinstance(refused, RateLimited)
+    assert await sessions.messages(store, second.token) == []
 
 
 # --- Backlog cap, stream length, Redis's clock --------------------------------------------------
