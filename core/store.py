@@ -61,6 +61,10 @@ class ReplyOutcome(Enum):
     QUESTION_GONE = -3
 
 
+class LeaseBusy(Exception):
+    """Another worker holds the session's lease: `recent_messages` took it not, read nothing."""
+
+
 @dataclass(frozen=True, slots=True)
 class Recent:
     """The newest messages of a session and its latest stop time (on Redis's clock)."""
@@ -214,7 +218,11 @@ class SessionStore:
         return earlier.decode() if isinstance(earlier, bytes) else str(earlier)
 
     async def recent_messages(
-        self, token: str, count: int, attempt: str | None = None
+        self,
+        token: str,
+        count: int,
+        attempt: str | None = None,
+        lease: tuple[str, str, int] | None = None,
     ) -> Recent | None:
         """The session's newest `count` messages and its latest stop time, in one round trip:
         what the worker reads for each message it answers, so the cost of an answer does not
@@ -222,16 +230,23 @@ class SessionStore:
 
         `attempt`: a message id whose generation attempt is counted in the same step (see
         `begin_attempt`; the count is `Recent.attempts`), for a worker that expects to answer
-        it; one that answers another message instead takes the count back."""
+        it; one that answers another message instead takes the count back.
+
+        `lease`: (key, owner, ms) of the session's lease (worker/leases.py), taken in the same
+        step. Raises LeaseBusy, having read and counted nothing, when another owner holds it."""
         owed = self._owed_attempts.get(attempt, 0) if attempt is not None else 0
-        result: Any = await self._begin_turn(
-            keys=[
-                self.keys.session(token),
-                self.keys.stop(token),
-                self.keys.attempts(token, attempt or "-"),
-            ],
-            args=[count, "" if attempt is None else 1 - owed, self._ttl],
-        )
+        keys = [
+            self.keys.session(token),
+            self.keys.stop(token),
+            self.keys.attempts(token, attempt or "-"),
+        ]
+        args: list[str | int] = [count, "" if attempt is None else 1 - owed, self._ttl]
+        if lease is not None:
+            keys.append(lease[0])
+            args.extend(lease[1:])
+        result: Any = await self._begin_turn(keys=keys, args=args)
+        if result == 0:
+            raise LeaseBusy(token)
         if result is None:
             return None
         if attempt is not None:

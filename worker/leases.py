@@ -29,6 +29,15 @@ class SessionLease:
     key: str
     owner: str
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # False from `LeaseManager.claim` until the lease is ours (the first read, or `wait`).
+    taken: bool = True
+    ms: int = 0
+
+    @property
+    def to_take(self) -> tuple[str, str, int] | None:
+        """What the session's first read needs to take the lease in its own round trip
+        (SessionStore.recent_messages), or None once it is taken."""
+        return None if self.taken else (self.key, self.owner, self.ms)
 
 
 async def finish_entry(redis: AnyRedis, keys: Keys, stream: str, entry_id: str) -> None:
@@ -49,14 +58,30 @@ class LeaseManager:
         self._release = redis.register_script(load_script("release_lease.lua"))
         self.held: set[SessionLease] = set()
 
-    async def acquire(self, token: str) -> SessionLease:
-        """Wait until this worker holds the session's lease."""
-        lease = SessionLease(token, self._keys.lease(token), f"{self._consumer}:{new_id()}")
+    def claim(self, token: str) -> SessionLease:
+        """A lease on the session, not taken yet: the worker's first read of the session takes
+        it in the same round trip (`SessionLease.to_take`), and `wait` takes it when that read
+        finds another worker holding it. Renewed from the moment it is taken."""
+        owner = f"{self._consumer}:{new_id()}"
+        lease = SessionLease(token, self._keys.lease(token), owner, taken=False, ms=self._lease_ms)
+        self.held.add(lease)
+        return lease
+
+    async def wait(self, lease: SessionLease) -> None:
+        """Poll until this worker holds `lease` (its holder released it, or it lapsed)."""
         delay = _FIRST_POLL
         while not await self._redis.set(lease.key, lease.owner, nx=True, px=self._lease_ms):
+            if await self._redis.get(lease.key) == lease.owner:
+                break  # a retried SET whose first answer was lost: ours already
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_POLL)
+        lease.taken = True
         self.held.add(lease)
+
+    async def acquire(self, token: str) -> SessionLease:
+        """Wait until this worker holds the session's lease."""
+        lease = self.claim(token)
+        await self.wait(lease)
         return lease
 
     def forget(self, lease: SessionLease) -> None:
@@ -94,6 +119,8 @@ class LeaseManager:
     async def renew_all(self) -> None:
         """Extend every held lease; a lease found taken over is flagged lost."""
         for lease in tuple(self.held):
+            if not lease.taken:
+                continue
             if not await self._renew(keys=[lease.key], args=[lease.owner, self._lease_ms]):
                 logger.warning("lease on session %s was lost", short(lease.token))
                 lease.lost.set()

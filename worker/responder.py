@@ -240,7 +240,12 @@ class Responder:
         only (the whole history only when `message_id` is older than those). The read counts
         an attempt for `message_id`, the message due in all but rare cases; when another one
         is due, or none, the count is taken back."""
-        recent = await self._store.recent_messages(token, self._window, attempt=message_id)
+        # The entry's first read also takes the session's lease (LeaseBusy if another holds it).
+        recent = await self._store.recent_messages(
+            token, self._window, attempt=message_id, lease=lease.to_take
+        )
+        if recent is not None:
+            lease.taken = True
         attempts = recent.attempts if recent is not None else None
         try:
             if recent is not None and not recent.complete and not _holds(recent, message_id):

@@ -45,10 +45,10 @@ from core.redis import (
     redis_mode,
     stream_groups,
 )
-from core.store import SessionStore
+from core.store import LeaseBusy, SessionStore
 from core.subscriber import ShardedSubscriber
 from worker.backends import ModelBackend, create_backend
-from worker.leases import LeaseManager, finish_entry
+from worker.leases import LeaseManager, SessionLease, finish_entry
 from worker.outage import REDIS_TROUBLE, Episode, is_nogroup, is_transient
 from worker.responder import LeaseLost, Responder
 
@@ -524,10 +524,9 @@ class Worker:
             logger.exception("entry %s failed; left pending for a retry", entry_id)
 
     async def _answer_entry(self, r: Resources, entry_id: str, token: str, message_id: str) -> None:
-        lease = await r.leases.acquire(token)
+        lease = r.leases.claim(token)
         try:
-            async with self._slots:
-                finished = await r.responder.answer_through(token, message_id, lease, entry_id)
+            finished = await self._answer_holding(r, lease, message_id, entry_id)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await r.leases.release(lease)
@@ -536,6 +535,21 @@ class Worker:
             r.leases.forget(lease)
         else:  # released, then acknowledged and deleted: one round trip
             await r.leases.release(lease, done=entry_id)
+
+    async def _answer_holding(
+        self, r: Resources, lease: SessionLease, message_id: str, entry_id: str
+    ) -> bool:
+        """Answer in a slot; the first read of the session takes its lease in the same round
+        trip. When another worker holds the lease, wait for it outside the slot (a slot is for
+        generating, not for waiting), then answer."""
+        try:
+            async with self._slots:
+                return await r.responder.answer_through(lease.token, message_id, lease, entry_id)
+        except LeaseBusy:
+            pass
+        await r.leases.wait(lease)
+        async with self._slots:
+            return await r.responder.answer_through(lease.token, message_id, lease, entry_id)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

@@ -16,7 +16,14 @@ import core.models
 import core.store
 from core.config import Settings
 from core.models import Message, MessageEvent, Source, new_id
-from core.store import BacklogFull, Queued, RateLimited, ReplyOutcome, SessionStore
+from core.store import (
+    BacklogFull,
+    LeaseBusy,
+    Queued,
+    RateLimited,
+    ReplyOutcome,
+    SessionStore,
+)
 from tests.conftest import make_settings
 from tests.support import sessions
 
@@ -456,6 +463,50 @@ async def test_reading_a_turn_of_a_missing_session_counts_nothing(
     message_id, token = new_id(), new_id()
     assert await store.recent_messages(token, 10, attempt=message_id) is None
     assert await redis.exists(store.keys.attempts(token, message_id)) == 0
+
+
+async def test_reading_a_turn_takes_the_lease_in_the_same_step(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human = await sessions.add_human_message(store, session.token, "q")
+    assert human is not None
+    key = store.keys.lease(session.token)
+
+    recent = await store.recent_messages(
+        session.token, 10, attempt=human.id, lease=(key, "me", 5000)
+    )
+    again = await store.recent_messages(session.token, 10, lease=(key, "me", 5000))  # a retry
+
+    assert recent is not None and [m.id for m in recent.messages] == [human.id]
+    assert again is not None  # its own lease is not busy
+    assert await redis.get(key) == "me"
+    assert 0 < await redis.pttl(key) <= 5000
+
+
+async def test_reading_a_turn_whose_lease_another_holds_reads_and_counts_nothing(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    human = await sessions.add_human_message(store, session.token, "q")
+    assert human is not None
+    key = store.keys.lease(session.token)
+    await redis.set(key, "other", px=60_000)
+
+    with pytest.raises(LeaseBusy):
+        await store.recent_messages(session.token, 10, attempt=human.id, lease=(key, "me", 5000))
+
+    assert await redis.get(key) == "other"
+    assert await redis.exists(store.keys.attempts(session.token, human.id)) == 0
+
+
+async def test_reading_a_turn_of_a_missing_session_takes_no_lease(
+    store: SessionStore, redis: Redis
+) -> None:
+    token = new_id()
+    key = store.keys.lease(token)
+    assert await store.recent_messages(token, 10, lease=(key, "me", 5000)) is None
+    assert await redis.exists(key) == 0
 
 
 async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
