@@ -27,7 +27,7 @@ _LOOKS_LIKE_COMMAND = re.compile(r'^\{\s*"type"\s*:')
 # Control characters (C0, DEL, C1) but newline and tab (a carriage return was made a newline
 # before this is checked): they render as nothing or garble terminals and logs, and no
 # keyboard types them.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 KNOWN_COMMANDS = ("message", "stop")
 _FIRST_SPACE = re.compile(r"\s+")
 
@@ -74,11 +74,6 @@ HELP = (
     "reply being generated), /title <text> (name this conversation). To send a message that "
     "starts with /, write // instead: //etc is sent as /etc."
 )
-
-
-def is_control(char: str) -> bool:
-    """A character no message or client_id may hold (the OpenAPI schema's patterns)."""
-    return _CONTROL.match(char) is not None
 
 
 def quoted(text: str) -> str:
@@ -220,7 +215,7 @@ def _slash_command(text: str, client_id: str | None) -> Frame:
 
 def _unicode_problem(text: str) -> str | None:
     """Why `text` cannot be stored and sent as UTF-8 text, or None."""
-    control = _CONTROL.search(text)
+    control = CONTROL.search(text)
     if control is not None:
         return (
             f"Message contains the control character U+{ord(control.group()):04X}; "

@@ -10,9 +10,11 @@ dialect has no `\\p{...}`, so the character classes are spelt out from `unicoded
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import Path
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from core.config import Settings
 from core.models import MAX_TITLE_CHARS
-from server.frames import is_control
+from server.frames import CONTROL
 
 UUID4_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 
@@ -35,33 +37,54 @@ MAX_NAME_CHARS = _default("max_name_chars")
 MAX_MESSAGE_CHARS = _default("max_message_chars")
 
 
-def _class(test: Callable[[str], bool]) -> str:
-    """A character-class body holding every code point for which `test` holds (surrogates
-    left out: no UTF-8 text holds one)."""
-    spans: list[tuple[int, int]] = []
-    for cp in range(sys.maxunicode + 1):
-        if 0xD800 <= cp <= 0xDFFF or not test(chr(cp)):
-            continue
-        if spans and spans[-1][1] == cp - 1:
-            spans[-1] = (spans[-1][0], cp)
-        else:
-            spans.append((cp, cp))
-    return "".join(_escape(a) if a == b else f"{_escape(a)}-{_escape(b)}" for a, b in spans)
+@functools.cache
+def _every_code_point() -> str:
+    """Every code point, surrogates included, in order: the string is indexed by code point."""
+    return "".join(map(chr, range(sys.maxunicode + 1)))
+
+
+@functools.cache
+def _category_letters() -> str:
+    """Every code point's Unicode category as one letter (`_LETTERS`), indexed by code point."""
+    return "".join(map(_LETTERS.__getitem__, map(unicodedata.category, _every_code_point())))
+
+
+_CATEGORIES = (
+    *("Cc", "Cf", "Cn", "Co", "Cs", "Ll", "Lm", "Lo", "Lt", "Lu", "Mc", "Me", "Mn", "Nd", "Nl"),
+    *("No", "Pc", "Pd", "Pe", "Pf", "Pi", "Po", "Ps", "Sc", "Sk", "Sm", "So", "Zl", "Zp", "Zs"),
+)
+# Each of the 30 general categories as a letter of its own (none special in a regex class).
+_LETTERS = dict(zip(_CATEGORIES, "abcdefghijklmnopqrstuvwxyzABCD", strict=True))
+
+
+def _class(pattern: str) -> str:
+    """A character-class body holding every code point that `pattern`, a regular expression
+    for one character, matches. The runs are found by `re` in C over all code points at once:
+    the schema is built at import, in every server process, and a Python call per code point
+    took about 2 s of it. (No pattern here matches a surrogate, which no UTF-8 text holds.)"""
+    return _spans(re.finditer(f"(?:{pattern})+", _every_code_point()))
+
+
+def _category(*categories: str) -> str:
+    """The character-class body of the code points in the Unicode `categories`."""
+    letters = "".join(_LETTERS[c] for c in categories)
+    return _spans(re.finditer(f"[{letters}]+", _category_letters()))
+
+
+def _spans(runs: Iterable[re.Match[str]]) -> str:
+    bounds = [(run.start(), run.end() - 1) for run in runs]
+    return "".join(_escape(a) if a == b else f"{_escape(a)}-{_escape(b)}" for a, b in bounds)
 
 
 def _escape(cp: int) -> str:
     return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
 
 
-def _category(*categories: str) -> Callable[[str], bool]:
-    return lambda char: unicodedata.category(char) in categories
-
-
 def _trimmed(forbidden: str, invisible: str, max_chars: int) -> str:
     """A text that, once trimmed of whitespace (str.strip), holds nothing `forbidden`, at
     least one character that is neither invisible nor whitespace, and at most `max_chars`
     characters; the whitespace around it is allowed (it is trimmed)."""
-    space = _class(str.isspace)
+    space = _class(r"\s")  # what str.isspace and str.strip take as whitespace
     visible = f"(?=[^{forbidden}]*[^{forbidden}{invisible}{space}])" if invisible else ""
     edge = f"[^{forbidden}{space}]"
     core = f"{edge}(?:[^{forbidden}]{{0,{max_chars - 2}}}{edge})?"
@@ -71,9 +94,7 @@ def _trimmed(forbidden: str, invisible: str, max_chars: int) -> str:
 def line_pattern(max_chars: int) -> str:
     """A name or a title (name_problem): no control characters and no U+FFFD (what bytes that
     are not UTF-8 decode to), something visible (not only spaces and format characters)."""
-    return _trimmed(
-        _class(_category("Cc")) + "\\ufffd", _class(_category("Zs", "Zl", "Zp", "Cf")), max_chars
-    )
+    return _trimmed(_category("Cc") + "\\ufffd", _category("Zs", "Zl", "Zp", "Cf"), max_chars)
 
 
 NAME_PATTERN = line_pattern(MAX_NAME_CHARS)
@@ -81,11 +102,9 @@ TITLE_PATTERN = line_pattern(MAX_TITLE_CHARS)
 # A chat message (server/frames.py): no control characters but tab and line ends, something
 # that is not whitespace.
 # (A carriage return is a line end there: stored as a newline, not refused.)
-MESSAGE_PATTERN = _trimmed(
-    _class(lambda char: is_control(char) and char != "\r"), "", MAX_MESSAGE_CHARS
-)
+MESSAGE_PATTERN = _trimmed(_class("(?!\r)" + CONTROL.pattern), "", MAX_MESSAGE_CHARS)
 # A client_id (server/frames.py): no control characters but tab and newline.
-CLIENT_ID_PATTERN = "^[^" + _class(is_control) + "]*$"
+CLIENT_ID_PATTERN = "^[^" + _class(CONTROL.pattern) + "]*$"
 
 
 def described(**schema: Any) -> dict[str, Any]:
