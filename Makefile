@@ -98,10 +98,11 @@ clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Also removes the virtualenv and the embedded Redis data (sessions are lost). The built
-# llama.cpp wheels stay in .cache/wheels (`make wheelclean` removes them).
+# Also removes the virtualenv, the embedded Redis data (sessions are lost) and the default
+# model's Q8_0 copy (.cache/models, made again on the next start). The built llama.cpp wheels
+# stay in .cache/wheels (`make wheelclean` removes them).
 distclean: clean
-	rm -rf $(VENV) .data
+	rm -rf $(VENV) .data .cache/models
 
 wheelclean:
 	rm -rf .cache/wheels
