@@ -452,3 +452,26 @@ async def test_entries_with_the_same_id_in_two_partitions_are_both_answered(
         for session in (first, second):
             replies = await wait_for_replies(worker_store, session.token, 1, timeout=10)
             assert replies[-1].msg == "echo: same id"
+
+
+async def test_a_lease_another_worker_holds_is_waited_for_outside_the_slot(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    """The entry's first read finds the lease taken (LeaseBusy): the worker gives its only slot
+    back, so another session is answered meanwhile, and answers once the lease is free."""
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, worker_concurrency=1
+    )
+    store = SessionStore(redis, settings)
+    held, other = await store.create("Ann"), await store.create("Bob")
+    await redis.set(store.keys.lease(held.token), "another-worker:lease", px=60_000)
+    await sessions.add_human_message(store, held.token, "wait for the lease")
+    await sessions.add_human_message(store, other.token, "go ahead")
+    async with running_worker(settings):
+        await wait_for_replies(store, other.token, 1)
+        stored = await sessions.messages(store, held.token)
+        assert stored is not None and [m.is_human for m in stored] == [True]  # read nothing
+        assert await redis.exists(store.keys.attempts(held.token, stored[0].id)) == 0
+        await redis.delete(store.keys.lease(held.token))  # the other worker is done
+        messages = await wait_for_replies(store, held.token, 1)
+    assert [m.is_human for m in messages] == [True, False]
