@@ -465,18 +465,21 @@ async def test_reading_a_turn_of_a_missing_session_counts_nothing(
     assert await redis.exists(store.keys.attempts(token, message_id)) == 0
 
 
-async def test_reading_a_turn_takes_the_lease_in_the_same_step(
-    store: SessionStore, redis: Redis
-) -> None:
+async def asked(store: SessionStore) -> tuple[str, Message, str]:
+    """A session with one question: its token, the question, and its lease's key."""
     session = await store.create("Ann")
     human = await sessions.add_human_message(store, session.token, "q")
     assert human is not None
-    key = store.keys.lease(session.token)
+    return session.token, human, store.keys.lease(session.token)
 
-    recent = await store.recent_messages(
-        session.token, 10, attempt=human.id, lease=(key, "me", 5000)
-    )
-    again = await store.recent_messages(session.token, 10, lease=(key, "me", 5000))  # a retry
+
+async def test_reading_a_turn_takes_the_lease_in_the_same_step(
+    store: SessionStore, redis: Redis
+) -> None:
+    token, human, key = await asked(store)
+
+    recent = await store.recent_messages(token, 10, attempt=human.id, lease=(key, "me", 5000))
+    again = await store.recent_messages(token, 10, lease=(key, "me", 5000))  # a retry
 
     assert recent is not None and [m.id for m in recent.messages] == [human.id]
     assert again is not None  # its own lease is not busy
@@ -487,17 +490,14 @@ async def test_reading_a_turn_takes_the_lease_in_the_same_step(
 async def test_reading_a_turn_whose_lease_another_holds_reads_and_counts_nothing(
     store: SessionStore, redis: Redis
 ) -> None:
-    session = await store.create("Ann")
-    human = await sessions.add_human_message(store, session.token, "q")
-    assert human is not None
-    key = store.keys.lease(session.token)
+    token, human, key = await asked(store)
     await redis.set(key, "other", px=60_000)
 
     with pytest.raises(LeaseBusy):
-        await store.recent_messages(session.token, 10, attempt=human.id, lease=(key, "me", 5000))
+        await store.recent_messages(token, 10, attempt=human.id, lease=(key, "me", 5000))
 
     assert await redis.get(key) == "other"
-    assert await redis.exists(store.keys.attempts(session.token, human.id)) == 0
+    assert await redis.exists(store.keys.attempts(token, human.id)) == 0
 
 
 async def test_reading_a_turn_of_a_missing_session_takes_no_lease(
