@@ -80,7 +80,7 @@ def test_batching_bench_smallest() -> None:
 
 
 def test_users_bench_smallest() -> None:
-    options = users.Options(users=2, messages=2, delay=0.05)
+    options = users.Options(users=2, messages=2, delay=0.05, warm_up=2)
     rows = users.run(options)
     assert [row.concurrency for row in rows] == [users.OLD_DEFAULT, None]
     assert all(row.delivered == 4 for row in rows)
