@@ -70,13 +70,14 @@ class LeaseManager:
     async def wait(self, lease: SessionLease) -> None:
         """Poll until this worker holds `lease` (its holder released it, or it lapsed)."""
         delay = _FIRST_POLL
-        while not await self._redis.set(lease.key, lease.owner, nx=True, px=self._lease_ms):
-            if await self._redis.get(lease.key) == lease.owner:
-                break  # a retried SET whose first answer was lost: ours already
+        # SET NX GET answers the holder before this call: none (taken now), or this owner (a
+        # retried SET whose first answer was lost: ours already), or another worker.
+        while await self._redis.set(
+            lease.key, lease.owner, nx=True, px=self._lease_ms, get=True
+        ) not in (None, lease.owner):
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_POLL)
         lease.taken = True
-        self.held.add(lease)
 
     async def acquire(self, token: str) -> SessionLease:
         """Wait until this worker holds the session's lease."""

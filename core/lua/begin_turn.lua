@@ -17,9 +17,11 @@ local messages = redis.call('JSON.GET', KEYS[1], '$.messages[-' .. ARGV[1] .. ':
 if not messages then
   return nil
 end
-if KEYS[4] and not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', ARGV[5]) then
-  -- Ours already when this is a retry of a call whose answer was lost: taken, not busy.
-  if redis.call('GET', KEYS[4]) ~= ARGV[4] then
+if KEYS[4] then
+  -- The holder before this call: none (taken now), or this owner (a retry of a call whose
+  -- answer was lost: taken, not busy), or another worker.
+  local holder = redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', ARGV[5], 'GET')
+  if holder and holder ~= ARGV[4] then
     return 0
   end
 end
