@@ -26,6 +26,7 @@ from core.store import (
 )
 from tests.conftest import make_settings
 from tests.support import sessions
+from tests.support.redis_stats import command_calls
 
 
 async def test_create_stores_a_json_document_with_ttl(
@@ -275,11 +276,6 @@ async def test_a_stored_message_is_acked_even_when_the_steps_after_it_fail(
     assert stored is not None and [m.msg for m in stored] == ["kept"]
 
 
-async def evalsha_calls(redis: Redis) -> int:
-    stats: Any = await redis.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_on_one_redis_the_address_limit_is_checked_in_the_messages_own_round_trip(
     redis_url: str, redis: Redis
 ) -> None:
@@ -287,12 +283,12 @@ async def test_on_one_redis_the_address_limit_is_checked_in_the_messages_own_rou
     store = SessionStore(redis, settings)
     session = await store.create("Ann")
     assert isinstance(await store.queue_message(session.token, "a", address="192.0.2.9"), Queued)
-    before = await evalsha_calls(redis)  # the scripts are loaded now
+    before = await command_calls(redis, "evalsha")  # the scripts are loaded now
     assert isinstance(await store.queue_message(session.token, "b"), Queued)
-    unlimited = await evalsha_calls(redis) - before
-    before = await evalsha_calls(redis)
+    unlimited = await command_calls(redis, "evalsha") - before
+    before = await command_calls(redis, "evalsha")
     assert isinstance(await store.queue_message(session.token, "b", address="192.0.2.9"), Queued)
-    assert await evalsha_calls(redis) - before == unlimited  # no script call of its own
+    assert await command_calls(redis, "evalsha") - before == unlimited  # no script call of its own
     refused = await store.queue_message(session.token, "c", address="192.0.2.9")
     assert isinstance(refused, RateLimited)
     assert await redis.exists(store.keys.rate("msg-address", "192.0.2.9")) == 1

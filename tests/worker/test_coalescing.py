@@ -20,6 +20,7 @@ from core.store import SessionStore
 from tests.conftest import make_settings
 from tests.support import sessions
 from tests.support.model_servers import ModelServer
+from tests.support.redis_stats import command_calls, redis_commands
 from worker.backends import ModelBackend
 from worker.backends.base import Usage
 from worker.leases import SessionLease
@@ -164,16 +165,6 @@ async def test_a_lost_lease_drops_the_buffered_pieces(redis: Redis, settings: Se
     assert store.log == [("publish", "a")]  # another worker owns the session now
 
 
-async def publishes(redis: Redis) -> int:
-    stats: Any = await redis.info("commandstats")
-    return int(stats.get("cmdstat_spublish", {}).get("calls", 0))
-
-
-async def redis_commands(redis: Redis) -> int:
-    stats: Any = await redis.info("stats")
-    return int(stats["total_commands_processed"])
-
-
 async def reply_of_200_tokens(
     redis_url: str, redis: Redis, model_server: ModelServer, flush_ms: int
 ) -> tuple[int, int, str]:
@@ -190,7 +181,10 @@ async def reply_of_200_tokens(
     running = asyncio.create_task(worker.run())
     try:
         await asyncio.sleep(0.5)  # let the worker start and go idle
-        before, commands_before = await publishes(redis), await redis_commands(redis)
+        before, commands_before = (
+            await command_calls(redis, "spublish"),
+            await redis_commands(redis),
+        )
         human = await sessions.add_human_message(store, session.token, words)
         assert human is not None
         async with asyncio.timeout(30):
@@ -199,7 +193,7 @@ async def reply_of_200_tokens(
                 if len(found) == 2:
                     break
                 await asyncio.sleep(0.05)
-        after, commands_after = await publishes(redis), await redis_commands(redis)
+        after, commands_after = await command_calls(redis, "spublish"), await redis_commands(redis)
     finally:
         worker.request_shutdown()
         await running
