@@ -231,6 +231,7 @@ _CONNECTION_SETTINGS = (
     "socket_connect_timeout",
     "socket_keepalive",
     "client_name",
+    "driver_info",
 )
 
 
