@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 
+from core.autopipeline import AutoPipeline
 from core.config import Settings
 from core.conversations import ConversationIndex
 from core.keys import Keys
@@ -140,6 +141,9 @@ class SessionStore:
         self._count_workers = redis.register_script(
             load_script("lib_clock.lua", "count_workers.lua")
         )
+        # The hot path's calls (a message, a turn's read, a reply, its pieces) from many
+        # sessions at once go to Redis together (core/autopipeline.py).
+        self._pipeline = AutoPipeline(redis)
         # When workers were last seen alive (monotonic; see `_workers_alive`).
         self._workers_seen_at: float | None = None
         self.index = ConversationIndex(redis, self.keys)
@@ -244,7 +248,7 @@ class SessionStore:
         if lease is not None:
             keys.append(lease[0])
             args.extend(lease[1:])
-        result: Any = await self._begin_turn(keys=keys, args=args)
+        result: Any = await self._pipeline.script(self._begin_turn, keys, args)
         if result == 0:
             raise LeaseBusy(token)
         if result is None:
@@ -308,9 +312,10 @@ class SessionStore:
         message_json = message.model_dump_json(exclude_none=True)
         # The member the script replaces with Redis's time, in the message and in the ack.
         stamp = '"timestamp":' + json.dumps(message.model_dump(mode="json")["timestamp"])
-        result: Any = await self._add_human(
-            keys=keys,
-            args=[
+        result: Any = await self._pipeline.script(
+            self._add_human,
+            keys,
+            [
                 message_json,
                 self._ttl,
                 stamp,
@@ -398,14 +403,15 @@ class SessionStore:
         an entry, see worker/leases.py). `delta`: the reply's last `token` event, published
         first (unless the lease was lost), so it comes before the reply's own event."""
         assert reply.reply_to is not None and is_uuid4(reply.reply_to)
-        result = await self._add_reply(
-            keys=[
+        result = await self._pipeline.script(
+            self._add_reply,
+            [
                 self.keys.session(token),
                 self.keys.lease(token),
                 self.keys.attempts(token, reply.reply_to),
                 self.keys.requests_for(token),
             ],
-            args=[
+            [
                 lease_owner,
                 reply.reply_to,
                 reply.model_dump_json(exclude_none=True),
@@ -422,7 +428,7 @@ class SessionStore:
 
     async def publish_delta(self, token: str, event: DeltaEvent) -> None:
         """Send a piece of a reply being generated to the session's sockets."""
-        await self.redis.spublish(self.keys.events(token), dump_event(event))
+        await self._pipeline.command("SPUBLISH", self.keys.events(token), dump_event(event))
 
     # --- Conversations (API v1 and slash commands) ------------------------------------------
 
