@@ -218,11 +218,16 @@ class EventHub:
         for outbox in members:
             outbox.put(CloseSocket(RESYNC_CODE, "Events may have been missed; reconnect"))
 
-    def _deliver(self, channel: str, frame: str) -> None:
-        """Put the event in every outbox of the channel; after a `deleted` event, the close
-        (1008): the session is gone, so its sockets have nothing left to serve."""
-        deleted = frame == DELETED_FRAME
+    def _deliver(self, channel: str, message: str) -> None:
+        """Put the message's events in every outbox of the channel; after a `deleted` event,
+        the close (1008): the session is gone, so its sockets have nothing left to serve.
+
+        A message holds one event, or several joined by newlines (add_reply.lua sends a
+        reply's last `token` event and its `message` event in one SPUBLISH); an event is
+        compact JSON, which holds no newline."""
+        frames = message.split("\n") if "\n" in message else (message,)
         for outbox in tuple(self._subscribers.get(channel, ())):
-            outbox.put(frame)
-            if deleted:
-                outbox.put(CloseSocket(DELETED_CODE, DELETED_REASON))
+            for frame in frames:
+                outbox.put(frame)
+                if frame == DELETED_FRAME:
+                    outbox.put(CloseSocket(DELETED_CODE, DELETED_REASON))

@@ -10,23 +10,27 @@
 -- ARGV[4] session TTL (s), ARGV[5] events channel, ARGV[6] event JSON,
 -- ARGV[7] history cap (0 = none), ARGV[8] the workers' consumer group, ARGV[9] the entry to
 -- finish ("" = none: the lease stays held and the entry pending), ARGV[10] the reply's last
--- `token` event, published to ARGV[5] first whatever the outcome but -1 ("" = none)
+-- `token` event, published to ARGV[5] whatever the outcome but -1 ("" = none): with a stored
+-- reply, in the same message as its event and before it (the two events joined by a newline,
+-- which no event's compact JSON holds; server/hub.py splits them), so one SPUBLISH instead of
+-- two
 -- Returns 1 stored, 0 already answered, -1 the caller no longer holds the lease (nothing
 -- written, not even the entry finished: it belongs to the lease's new holder), -2 no session,
 -- -3 the message was waiting when the history was reset (change_conversation.lua lists it in
 -- `$.cancelled`): its reply is not stored. (A message dropped by the history cap while its
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
 -- With ARGV[9], every outcome but -1 finishes the entry.
--- Cost of a stored reply that finishes its entry: GET, SPUBLISH of ARGV[10] if given, JSON.GET, JSON.ARRAPPEND, JSON.SET,
--- EXPIRE, SPUBLISH, one DEL of the counter and the lease, XACKDEL (XACK + XDEL before Redis 8.2).
+-- Cost of a stored reply that finishes its entry: GET, JSON.GET, JSON.ARRAPPEND, JSON.SET,
+-- EXPIRE, SPUBLISH (with ARGV[10] if given), one DEL of the counter and the lease, XACKDEL
+-- (XACK + XDEL before Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
 end
-if ARGV[10] ~= '' then
-  redis.call('SPUBLISH', ARGV[5], ARGV[10])
-end
 
 local function finish(outcome)
+  if outcome ~= 1 and ARGV[10] ~= '' then
+    redis.call('SPUBLISH', ARGV[5], ARGV[10])
+  end
   if ARGV[9] == '' then
     redis.call('DEL', KEYS[3])
     return outcome
@@ -65,5 +69,9 @@ local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])[1]
 redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1))
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'), length)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('SPUBLISH', ARGV[5], ARGV[6])
+if ARGV[10] ~= '' then
+  redis.call('SPUBLISH', ARGV[5], ARGV[10] .. '\n' .. ARGV[6])
+else
+  redis.call('SPUBLISH', ARGV[5], ARGV[6])
+end
 return finish(1)

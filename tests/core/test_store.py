@@ -505,9 +505,33 @@ async def test_reading_a_turn_of_a_missing_session_takes_no_lease(
     assert await redis.exists(key) == 0
 
 
+async def test_a_replys_last_token_event_goes_out_alone_when_the_reply_is_not_stored(
+    store: SessionStore, redis: Redis
+) -> None:
+    """A reply that finds its message answered already is not stored and announces nothing,
+    but the text its sockets saw streaming is still ended by the last `token` event."""
+    session = await store.create("Ann")
+    human, _ = await _queued_entry(store, redis, session.token)
+    message, event = _bot_reply(human)
+    rest = core.models.DeltaEvent(id=message.id, reply_to=human.id, delta="the rest")
+    await redis.set(store.keys.lease(session.token), "me")
+    assert await store.add_reply(session.token, message, event, "me") is ReplyOutcome.STORED
+    async with redis.pubsub() as pubsub:
+        await pubsub.ssubscribe(store.keys.events(session.token))
+        await pubsub.get_message(timeout=1)
+        again = await store.add_reply(session.token, message, event, "me", delta=rest)
+        heard = await pubsub.get_message(timeout=2)
+        late = await pubsub.get_message(timeout=0.2)
+    assert again is ReplyOutcome.ALREADY_ANSWERED
+    assert heard is not None and json.loads(heard["data"])["delta"] == "the rest"
+    assert late is None
+
+
 async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
     store: SessionStore, redis: Redis
 ) -> None:
+    """The rest of the text and the reply's own event share one SPUBLISH, the `token` event
+    first (server/hub.py splits the message at its newline)."""
     session = await store.create("Ann")
     human, _ = await _queued_entry(store, redis, session.token)
     message, event = _bot_reply(human)
@@ -518,10 +542,11 @@ async def test_a_replys_last_token_event_goes_first_and_only_with_the_lease(
         await pubsub.get_message(timeout=1)
         lost = await store.add_reply(session.token, message, event, "other", delta=rest)
         stored = await store.add_reply(session.token, message, event, "me", delta=rest)
-        heard = [await pubsub.get_message(timeout=2) for _ in range(2)]
+        heard = await pubsub.get_message(timeout=2)
         late = await pubsub.get_message(timeout=0.2)
     assert (lost, stored) == (ReplyOutcome.LEASE_LOST, ReplyOutcome.STORED)
-    events = [json.loads(m["data"]) for m in heard if m is not None]
+    assert heard is not None
+    events = [json.loads(part) for part in heard["data"].split("\n")]
     assert [e["type"] for e in events] == ["token", "message"]
     assert events[0]["delta"] == "the rest"
     assert late is None

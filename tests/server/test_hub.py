@@ -51,6 +51,19 @@ async def test_one_channel_per_session_while_a_socket_is_open(
     assert hub.channels == 0
 
 
+async def test_events_sent_together_reach_every_socket_as_frames_in_order(
+    hub: EventHub, redis: Redis, settings_keys: Keys
+) -> None:
+    """add_reply.lua sends a reply's last `token` event and its `message` event in one
+    message, joined by a newline: each socket gets them as two frames, in that order."""
+    token = new_id()
+    async with hub.subscribe(token) as tab1, hub.subscribe(token) as tab2:
+        await redis.spublish(settings_keys.events(token), '{"type":"token"}\n{"type":"message"}')
+        for tab in (tab1, tab2):
+            frames = [await asyncio.wait_for(tab.get(), 2) for _ in range(2)]
+            assert frames == ['{"type":"token"}', '{"type":"message"}']
+
+
 async def test_a_failed_subscribe_leaves_nothing_behind(
     hub: EventHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
