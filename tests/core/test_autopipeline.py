@@ -109,6 +109,7 @@ async def test_on_a_cluster_calls_go_one_by_one(redis_cluster: Any, pipelines: l
         auto = AutoPipeline(cluster)
         script = cluster.register_script(ECHO)
         keys = [f"{{p{i}}}k" for i in range(6)]  # several slots, so several masters
+        await cluster.script_load(ECHO)  # on every master (see the note in docs/benchmarks.md)
         replies = await asyncio.gather(*(auto.script(script, [k], [1]) for k in keys))
     finally:
         await cluster.aclose()
