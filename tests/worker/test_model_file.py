@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,23 @@ def test_a_new_version_of_the_shipped_file_gets_a_copy_of_its_own(tmp_path: Path
     assert first.name.startswith("SmolLM2-135M-Instruct.Q8_0.")
     os.utime(source, ns=(0, 10**18))
     assert copy_path(source, tmp_path / "cache") != first
+
+
+def test_a_new_copy_removes_what_earlier_ones_left_behind(tmp_path: Path) -> None:
+    """A copy of an older wheel's file and a partial file from a worker killed while writing
+    (145 MB each) are deleted once the new copy is made; a partial file young enough to be
+    another worker's, still writing, is left alone, and so are files that are not copies."""
+    target = copy_path(shipped_model_path(), tmp_path)
+    stem = target.name.split(".Q8_0.")[0]
+    old_copy = tmp_path / f"{stem}.Q8_0.1234-5678.gguf"
+    stale = tmp_path / f".{target.name}.99999.partial"
+    writing = tmp_path / f".{target.name}.99998.partial"
+    unrelated = tmp_path / "other-model.gguf"
+    for path in (old_copy, stale, writing, unrelated):
+        path.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    assert default_model_path(tmp_path) == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, writing.name, unrelated.name]
+    )

