@@ -117,13 +117,24 @@ class AutoPipeline:
             for call in calls:
                 call.future.cancel()
             raise
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            for i, reply in zip(unknown, await self._after_loading(calls, unknown), strict=True):
+                replies[i] = reply
         for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                try:  # the script is loaded and run again, as AsyncScript does alone
-                    reply = await call.alone(self._redis)
-                except Exception as exc:
-                    reply = exc
             call.settle(reply)
+
+    async def _after_loading(self, calls: list[_Call], unknown: list[int]) -> list[Any]:
+        """The replies of the calls Redis refused with NOSCRIPT (it lost its scripts: a
+        restart, a failover), once each of their scripts is loaded, as AsyncScript does for
+        a call alone: one SCRIPT LOAD per script, not one per call, then one pipeline."""
+        again = [calls[i] for i in unknown]
+        try:
+            for source in {call.script.script for call in again if call.script is not None}:
+                await self._redis.script_load(source)
+            return await self._execute(again)
+        except Exception as exc:
+            return [exc] * len(again)
 
     async def _execute(self, calls: list[_Call]) -> list[Any]:
         if len(calls) == 1:  # as without this class (alone() loads a script Redis lacks)

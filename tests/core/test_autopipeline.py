@@ -18,6 +18,7 @@ from core.autopipeline import AutoPipeline
 from core.config import Settings
 from core.models import DeltaEvent, new_id
 from core.store import SessionStore
+from tests.support.redis_stats import command_calls
 
 ECHO = "return {KEYS[1], ARGV[1]}"
 
@@ -41,6 +42,7 @@ async def test_calls_of_one_turn_go_as_one_pipeline_each_with_its_own_reply(
 ) -> None:
     auto = AutoPipeline(redis)
     script = redis.register_script(ECHO)
+    await redis.script_load(ECHO)
     replies = await asyncio.gather(*(auto.script(script, [f"k{i}"], [i]) for i in range(30)))
     assert replies == [[f"k{i}", str(i)] for i in range(30)]
     assert pipelines == [30]
@@ -68,14 +70,19 @@ async def test_a_failing_call_fails_only_its_caller(redis: Redis) -> None:
     assert isinstance(wrong, ResponseError) and "WRONGTYPE" in str(wrong)
 
 
-async def test_a_script_redis_lost_is_loaded_again(redis: Redis) -> None:
-    """After SCRIPT FLUSH (as after a restart without persistence, or a failover), the calls
-    that met NOSCRIPT in the pipeline are run again once the script is loaded."""
+async def test_a_script_redis_lost_is_loaded_once_and_run_again(
+    redis: Redis, pipelines: list[int]
+) -> None:
+    """After SCRIPT FLUSH (as after a restart, or a failover), the calls that met NOSCRIPT in
+    the pipeline are run again, together, once their script is loaded (once)."""
     auto = AutoPipeline(redis)
     script = redis.register_script(ECHO + " -- " + uuid.uuid4().hex)
     await redis.script_flush()
-    replies = await asyncio.gather(*(auto.script(script, ["k"], [i]) for i in range(5)))
-    assert replies == [["k", str(i)] for i in range(5)]
+    loads = await command_calls(redis, "script|load")
+    replies = await asyncio.gather(*(auto.script(script, ["k"], [i]) for i in range(20)))
+    assert replies == [["k", str(i)] for i in range(20)]
+    assert await command_calls(redis, "script|load") == loads + 1
+    assert pipelines == [20, 20]
 
 
 async def test_a_call_cancelled_before_its_turn_ends_is_not_sent(redis: Redis) -> None:
