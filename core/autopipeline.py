@@ -1,24 +1,26 @@
-"""Commands issued in the same turn of the event loop, sent to Redis as one pipeline.
+"""The hot path's Redis calls, sent together as one pipeline while others are on their way.
 
-A worker answering 50 sessions at once, or a server taking their 50 messages, issues the same
+A worker answering 50 sessions at once, or a server taking their 50 messages, makes the same
 script call for each, from 50 tasks, within microseconds. Sent one by one, each costs a pooled
 connection checkout, a socket write, a wake-up for its reply and a read: redis-py spends about
 90 us of CPU per EVALSHA that way, against about 25 us each when 50 go in one pipeline (one
-connection, one write, one read; measured on the 2-core bench machine). Redis, too, reads
-and answers them in one go. This is what ioredis calls auto-pipelining.
+connection, one write, one read; measured on the 2-core bench machine). Redis, too, reads and
+answers them in one go. This is what ioredis and Lettuce call auto-pipelining.
 
-`AutoPipeline.script` and `.command` queue the call and schedule a flush for the next turn
-of the loop, so every call made meanwhile goes with it. A call alone in its turn is sent as
-it would be without this class. Nothing changes for the callers:
+A call made while nothing is on its way goes at once, alone, from its caller's task: no
+latency is added to a lone call. A call made while one (or a pipeline) is on its way waits
+for it and then goes with every other call made meanwhile, as one non-transactional
+pipeline; the busier the process, the bigger the pipelines. For the callers nothing else
+changes:
 - each gets its own reply, or its own error (a script error is that call's only);
 - a lost connection fails (after the client's retries) every call of that pipeline, as it
   would each of them sent alone;
-- a call cancelled before its turn's flush is not sent; one cancelled after is sent, as a
+- a call cancelled while it waits is not sent; one cancelled on its way is sent, as a
   command already written would be;
-- a script Redis does not know (NOSCRIPT, after a restart or a failover) is loaded and run
-  again, as redis-py's `AsyncScript` does.
+- calls Redis refuses with NOSCRIPT (it lost its scripts: a restart, a failover) go again
+  together once each script is loaded, once.
 
-On a Redis Cluster the calls go one by one: the cluster client splits a pipeline by node and
+On a Redis Cluster every call goes alone: the cluster client splits a pipeline by node and
 retries it by its own rules (MOVED, ASK), which the callers' guarantees were not built on.
 """
 
@@ -74,39 +76,48 @@ class AutoPipeline:
     def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
         self._enabled = isinstance(redis, Redis)
+        # Calls made while others are on their way, sent as one pipeline when those are back.
         self._queued: list[_Call] = []
+        self._busy = False  # a call or a pipeline is on its way
         self._flushing: set[asyncio.Task[None]] = set()
-        self._scheduled = False
 
     async def script(self, script: AsyncScript, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
-        """`script(keys=keys, args=args)`, sent with the other calls of this turn."""
+        """`script(keys=keys, args=args)`, sent with the other calls waiting to go."""
         call = _Call(script, tuple(args), tuple(keys))
-        if not self._enabled:
-            return await call.alone(self._redis)
-        return await self._queue(call)
+        return await self._run(call)
 
     async def command(self, *args: Arg) -> Any:
-        """`execute_command(*args)`, sent with the other calls of this turn."""
-        call = _Call(None, args)
+        """`execute_command(*args)`, sent with the other calls waiting to go."""
+        return await self._run(_Call(None, args))
+
+    async def _run(self, call: _Call) -> Any:
+        """With nothing on its way, the call goes at once, alone, from its caller's own task
+        (no latency added); else it waits for what is on its way and then goes with every
+        call made meanwhile."""
         if not self._enabled:
             return await call.alone(self._redis)
-        return await self._queue(call)
+        if self._busy:
+            self._queued.append(call)
+            return await call.future
+        self._busy = True
+        try:
+            return await call.alone(self._redis)
+        finally:
+            self._next()
 
-    def _queue(self, call: _Call) -> asyncio.Future[Any]:
-        self._queued.append(call)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        return call.future
-
-    def _flush(self) -> None:
-        self._scheduled = False
+    def _next(self) -> None:
         calls = [call for call in self._queued if not call.future.cancelled()]
         self._queued = []
-        if calls:
-            task = asyncio.get_running_loop().create_task(self._send(calls))
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+        if not calls:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._flushing.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        self._next()
 
     async def _send(self, calls: list[_Call]) -> None:
         try:
