@@ -40,16 +40,17 @@ Arg = str | int | float | bytes
 
 
 class _Call:
-    """One queued call: a script (with its keys and args) or a plain command, and the future
-    its caller waits on."""
+    """One call: a script (with its keys and args) or a plain command; once it waits to go
+    with others, also the future its caller waits on."""
 
     __slots__ = ("args", "future", "keys", "script")
+
+    future: asyncio.Future[Any]  # set in AutoPipeline._run, for a call that waits
 
     def __init__(
         self, script: AsyncScript | None, args: tuple[Arg, ...], keys: tuple[Arg, ...] = ()
     ) -> None:
         self.script, self.args, self.keys = script, args, keys
-        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def alone(self, redis: AnyRedis) -> Any:
         if self.script is not None:
@@ -97,6 +98,7 @@ class AutoPipeline:
         if not self._enabled:
             return await call.alone(self._redis)
         if self._busy:
+            call.future = asyncio.get_running_loop().create_future()
             self._queued.append(call)
             return await call.future
         self._busy = True

@@ -225,7 +225,7 @@ class EventHub:
         A message holds one event, or several joined by newlines (add_reply.lua sends a
         reply's last `token` event and its `message` event in one SPUBLISH); an event is
         compact JSON, which holds no newline."""
-        frames = message.split("\n") if "\n" in message else (message,)
+        frames = message.split("\n")
         for outbox in tuple(self._subscribers.get(channel, ())):
             for frame in frames:
                 outbox.put(frame)

@@ -69,9 +69,9 @@ local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])[1]
 redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1))
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'), length)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+local events = ARGV[6]
 if ARGV[10] ~= '' then
-  redis.call('SPUBLISH', ARGV[5], ARGV[10] .. '\n' .. ARGV[6])
-else
-  redis.call('SPUBLISH', ARGV[5], ARGV[6])
+  events = ARGV[10] .. '\n' .. ARGV[6]
 end
+redis.call('SPUBLISH', ARGV[5], events)
 return finish(1)

@@ -61,22 +61,20 @@ def default_model_path(cache: Path) -> Path:
     if not source.is_file():
         raise ModelUnavailable(f"Local model file not found: {source}")
     target = copy_path(source, cache)
-    if target.is_file():
-        _remove_leftovers(target)
-        return target
-    try:
-        _quantize(source, target)
-    except (OSError, RuntimeError) as exc:
-        logger.warning(
-            "could not store the %s copy of the local model in %s (%s): loading the shipped "
-            "%s file, which batches several users less well (LOCAL_MODEL_CACHE)",
-            COPY_TYPE,
-            cache,
-            exc,
-            source.name,
-        )
-        return source
-    logger.info("made the %s copy of the local model: %s", COPY_TYPE, target)
+    if not target.is_file():
+        try:
+            _quantize(source, target)
+        except (OSError, RuntimeError) as exc:
+            logger.warning(
+                "could not store the %s copy of the local model in %s (%s): loading the "
+                "shipped %s file, which batches several users less well (LOCAL_MODEL_CACHE)",
+                COPY_TYPE,
+                cache,
+                exc,
+                source.name,
+            )
+            return source
+        logger.info("made the %s copy of the local model: %s", COPY_TYPE, target)
     _remove_leftovers(target)
     return target
 
