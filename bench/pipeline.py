@@ -1,6 +1,6 @@
 """Pipeline throughput and latency with an instant model.
 
-`python -m bench.pipeline [--quick] [--sessions N] [--seconds S]`
+`python -m bench.pipeline [--quick] [--sessions N] [--seconds S] [--workers W] [--history H]`
 
 Starts an embedded Redis, the instant model server, `python -m server` and `python -m worker`
 (MODEL_BACKEND=openai against it), opens N sessions over real sockets and measures:
@@ -10,6 +10,11 @@ Starts an embedded Redis, the instant model server, `python -m server` and `pyth
 2. latency at half of that load (open loop, a fixed offered rate): p50/p95/p99 from sending
    a message to receiving its final `message` event. The model answers at once, so this is
    what the pipeline adds.
+
+`--history H`: before both, each session is filled to about H messages through the same
+sockets (H / 2 messages and their replies), so the cost per message is measured with histories
+that long (MAX_HISTORY_MESSAGES is 1000); without it the histories start empty and grow during
+the run.
 
 Ceilings measured in the same run: the same N sockets against a bare WebSocket echo on the
 same uvicorn stack (closed loop, and at the same offered rate), and `redis-benchmark XADD`
@@ -55,6 +60,7 @@ class Options:
     workers: int = 1
     pieces: int = 3
     xadd_requests: int = 100_000
+    history: int = 0
 
 
 QUICK = Options(sessions=4, seconds=1.5, xadd_requests=5_000)
@@ -104,6 +110,7 @@ async def _measure_pipeline(
     tokens = await new_sessions(http, options.sessions)
     sockets = [await ChatSocket.open(ws, token) for token in tokens]
     try:
+        await _fill(sockets, options.history // 2)
         meter = CpuMeter(pids, redis_port)
         saturation = Measured(await closed_loop(sockets, options.seconds, meter=meter), meter)
         meter = CpuMeter(pids, redis_port)
@@ -112,6 +119,18 @@ async def _measure_pipeline(
         return saturation, half
     finally:
         await asyncio.gather(*(s.close() for s in sockets))
+
+
+async def _fill(sockets: Sequence[ChatSocket], messages: int) -> None:
+    """Give each session `messages` messages and their replies, each socket asking in turn."""
+
+    async def one(socket: ChatSocket) -> None:
+        for _ in range(messages):
+            reply = await socket.ask("hello bench")
+            if reply.error is not None:
+                raise RuntimeError(f"filling the history failed: {reply.error}")
+
+    await asyncio.gather(*(one(s) for s in sockets))
 
 
 def redis_pid(url: str) -> int:
@@ -157,8 +176,10 @@ def run(options: Options) -> Result:
 
 def table(result: Result, options: Options) -> Table:
     out = Table(
-        f"Pipeline: {options.sessions} sessions, instant model ({options.pieces} token events "
-        f"per reply), {options.workers} worker, 1 server",
+        f"Pipeline: {options.sessions} sessions"
+        + (f" holding {options.history} messages each" if options.history else "")
+        + f", instant model ({options.pieces} token events per reply), {options.workers} "
+        "worker, 1 server",
         ["measure", "messages/s", "p50 ms", "p95 ms", "p99 ms", "errors", "CPU ms/msg",
          "Redis cmds/msg", "vs ceiling"],
     )  # fmt: skip
@@ -212,7 +233,9 @@ def table(result: Result, options: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = command_line(__doc__, Options(), QUICK, ("sessions", "seconds", "workers"), argv)
+    options = command_line(
+        __doc__, Options(), QUICK, ("sessions", "seconds", "workers", "history"), argv
+    )
     with quiet_logging():
         table(run(options), options).print()
 

@@ -121,22 +121,25 @@ class SessionStore:
             load_script(
                 "lib_clock.lua",
                 "lib_gcra.lua",
-                "lib_history_cap.lua",
                 "lib_unanswered.lua",
+                "lib_answered.lua",
+                "lib_history_cap.lua",
                 "add_human_message.lua",
             )
         )
         self._add_reply = redis.register_script(
-            load_script("lib_history_cap.lua", "lib_unanswered.lua", "add_reply.lua")
+            load_script(
+                "lib_unanswered.lua", "lib_answered.lua", "lib_history_cap.lua", "add_reply.lua"
+            )
         )
         self._begin_turn = redis.register_script(load_script("begin_turn.lua"))
-        self._create = redis.register_script(load_script("create_session.lua"))
+        self._create = redis.register_script(load_script("lib_answered.lua", "create_session.lua"))
         self._rate_limit = redis.register_script(
             load_script("lib_clock.lua", "lib_gcra.lua", "rate_limit.lua")
         )
         self._request_stop = redis.register_script(load_script("lib_clock.lua", "request_stop.lua"))
         self._change = redis.register_script(
-            load_script("lib_clock.lua", "change_conversation.lua")
+            load_script("lib_clock.lua", "lib_answered.lua", "change_conversation.lua")
         )
         self._count_workers = redis.register_script(
             load_script("lib_clock.lua", "count_workers.lua")

@@ -5,7 +5,8 @@
 -- (core/store.py `queue_message`). On a single Redis the address's limit is checked here too
 -- (KEYS[4]), first, so that it counts every attempt as the separate step does: one round trip
 -- less per message.
--- Needs the preludes lib_clock.lua, lib_gcra.lua, lib_history_cap.lua and lib_unanswered.lua.
+-- Needs the preludes lib_clock.lua, lib_gcra.lua, lib_unanswered.lua, lib_answered.lua and
+-- lib_history_cap.lua.
 -- KEYS[1] session document, KEYS[2] the partition's request stream, KEYS[3] session rate key
 -- ARGV[1] message JSON, ARGV[2] session TTL (s), ARGV[3] the `"timestamp":"..."` member in
 -- ARGV[1] and ARGV[7], replaced by Redis's time (no server clock stamps a message),
@@ -24,8 +25,10 @@
 -- Idempotent: if the client retries after a lost reply, the message is not stored twice.
 -- The stream is not trimmed: workers delete each entry once it is answered (XACK + XDEL), so it
 -- holds only work not done yet, and no unread entry is ever trimmed away.
--- Cost without a refusal: one TIME, one JSON.GET of the fields it checks, one GET (or MGET,
--- with the address's key) of the rate keys, then the writes (JSON.ARRAPPEND, JSON.MSET, EXPIRE,
+-- Cost without a refusal: one TIME, one JSON.GET of the fields it checks (the duplicate check
+-- is a lookup in the document's `$.answered` index, lib_answered.lua, not a scan of the
+-- history), one GET (or MGET, with the address's key) of the rate keys, then the writes
+-- (JSON.ARRAPPEND, one JSON.MSET of the count, the index entry and a first title, EXPIRE,
 -- XADD, SPUBLISH, the rate keys' SETs).
 local now, stamp = now_ms_and_stamp()
 local window = tonumber(ARGV[9])
@@ -39,12 +42,12 @@ if KEYS[4] then
   gcra_commit(KEYS[4], tat, now)
   session_rate = rates[2]
 end
-local duplicate = '$.messages[?(@.id=="' .. ARGV[5] .. '")].id'
-local fields = read_fields(KEYS[1], {duplicate, '$.unanswered', '$.title', '$.user_id'})
+local question = answered_path(ARGV[5])
+local fields = read_fields(KEYS[1], {question, '$.schema', '$.unanswered', '$.title', '$.user_id'})
 if fields == nil then
   return {0}
 end
-if #fields[duplicate] > 0 then
+if answered_state(fields, ARGV[5], ensure_index(KEYS[1], fields)) ~= nil then
   return {3}
 end
 local limit = tonumber(ARGV[11])
@@ -67,9 +70,10 @@ local function restamp(json)
 end
 local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', restamp(ARGV[1]))[1]
 if #fields['$.title'] == 0 then
-  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1, KEYS[1], '$.title', ARGV[12])
+  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1, KEYS[1], question, 'false',
+    KEYS[1], '$.title', ARGV[12])
 else
-  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1)
+  redis.call('JSON.MSET', KEYS[1], '$.unanswered', waiting + 1, KEYS[1], question, 'false')
 end
 cap_history(KEYS[1], tonumber(ARGV[10]), length)
 redis.call('EXPIRE', KEYS[1], ARGV[2])

@@ -2,7 +2,7 @@
 -- entry id (ARGV[9]), also finish that request-stream entry in the same step: release the
 -- lease, then acknowledge and delete the entry (the worker's last turn for the entry, so one
 -- round trip instead of two).
--- Needs the preludes lib_history_cap.lua and lib_unanswered.lua.
+-- Needs the preludes lib_unanswered.lua, lib_answered.lua and lib_history_cap.lua.
 -- KEYS[1] session document, KEYS[2] the session's worker lease, KEYS[3] the answered message's
 -- generation-attempt counter (deleted once the message has its answer), KEYS[4] the request
 -- stream (touched only with ARGV[9])
@@ -20,8 +20,8 @@
 -- `$.cancelled`): its reply is not stored. (A message dropped by the history cap while its
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
 -- With ARGV[9], every outcome but -1 finishes the entry.
--- Cost of a stored reply that finishes its entry: GET, JSON.GET, JSON.ARRAPPEND, JSON.SET,
--- EXPIRE, SPUBLISH (with ARGV[10] if given), one DEL of the counter and the lease, XACKDEL
+-- Cost of a stored reply that finishes its entry: GET, JSON.GET (the answered check is a
+-- lookup in `$.answered`, lib_answered.lua), JSON.ARRAPPEND, JSON.MSET, EXPIRE, SPUBLISH (with ARGV[10] if given), one DEL of the counter and the lease, XACKDEL
 -- (XACK + XDEL before Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
@@ -44,29 +44,26 @@ local function finish(outcome)
   return outcome
 end
 
--- One scan for both: the question's source ("human") and any reply's ("bot").
-local sources_path = '$.messages[?(@.id=="' .. ARGV[2] .. '" || @.reply_to=="' .. ARGV[2] .. '")].source'
-local fields = read_fields(KEYS[1], {sources_path, '$.unanswered'})
+-- The question's entry in the document's index (lib_answered.lua): one lookup, not a scan.
+local question = answered_path(ARGV[2])
+local fields = read_fields(KEYS[1], {question, '$.schema', '$.unanswered'})
 if fields == nil then
   return finish(-2)
 end
-local asked, answered = false, false
-for _, source in ipairs(fields[sources_path]) do
-  if source == 'bot' then
-    answered = true
-  elseif source == 'human' then
-    asked = true
-  end
-end
-if answered then
+local state = answered_state(fields, ARGV[2], ensure_index(KEYS[1], fields))
+if state == true then
   return finish(0)
 end
-if not asked
+if state == nil
   and redis.call('JSON.GET', KEYS[1], '$.cancelled[?(@=="' .. ARGV[2] .. '")]') ~= '[]' then
   return finish(-3)
 end
 local length = redis.call('JSON.ARRAPPEND', KEYS[1], '$.messages', ARGV[3])[1]
-redis.call('JSON.SET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1))
+-- The entry is written even when the question has left the history (the cap dropped it while
+-- its reply was generated), so a retried call still finds the reply stored; it leaves the
+-- index with the reply (lib_history_cap.lua drops the entries its replies answer too).
+redis.call('JSON.MSET', KEYS[1], '$.unanswered', math.max(0, unanswered_of(fields) - 1),
+  KEYS[1], question, 'true')
 cap_history(KEYS[1], tonumber(ARGV[7] or '0'), length)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local events = ARGV[6]

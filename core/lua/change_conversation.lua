@@ -1,5 +1,5 @@
 -- Change a conversation (its session document) and tell its sockets, in one atomic step.
--- Needs the prelude lib_clock.lua.
+-- Needs the preludes lib_clock.lua and lib_answered.lua.
 -- KEYS[1] session document, KEYS[2] the session's stop time
 -- ARGV[1] the change: "title", "reset" or "deleted"; ARGV[2] the new title (JSON string, for
 -- "title"); ARGV[3] session TTL (s); ARGV[4] events channel; ARGV[5] the conversation event
@@ -7,7 +7,8 @@
 -- "deleted" stop the reply in progress (as request_stop.lua does, on Redis's clock), so no
 -- worker goes on generating for messages that are gone
 -- "reset" lists the messages that were waiting for a reply in `$.cancelled` (the newest
--- CANCELLED_KEPT), so add_reply.lua does not store a reply to one of them.
+-- CANCELLED_KEPT), so add_reply.lua does not store a reply to one of them, and empties the
+-- history's `$.answered` index with it.
 -- Returns 0 when the session does not exist, 1 when changed.
 local CANCELLED_KEPT = 100
 
@@ -40,6 +41,7 @@ elseif change == 'reset' then
   redis.call('JSON.SET', KEYS[1], '$.cancelled', #cancelled == 0 and '[]' or cjson.encode(cancelled))
   redis.call('JSON.SET', KEYS[1], '$.messages', '[]')
   redis.call('JSON.SET', KEYS[1], '$.unanswered', 0)
+  new_index(KEYS[1])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 elseif change == 'deleted' then
   redis.call('DEL', KEYS[1])

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from core.conversations import BadCursor
 from core.models import Message, MessageEvent, Source, new_id
-from core.store import ReplyOutcome, SessionStore
+from core.store import Queued, ReplyOutcome, SessionStore
 from tests.support import sessions
 
 
@@ -26,7 +26,8 @@ async def test_a_tutorial_session_has_no_title_or_owner_until_a_message_names_it
 ) -> None:
     session = await store.create("Ann")
     document: Any = await redis.json().get(store.keys.session(session.token))
-    assert set(document) == {"token", "name", "session_start", "messages"}
+    # `answered` and `schema`: the store's index of the history (core/lua/lib_answered.lua).
+    assert set(document) == {"token", "name", "session_start", "messages", "answered", "schema"}
     await sessions.add_human_message(store, session.token, "\n  What is Redis?  \nmore")
     await sessions.add_human_message(store, session.token, "second")
     got = await store.get(session.token)
@@ -82,6 +83,11 @@ async def test_reset_empties_the_history_and_a_late_reply_is_not_stored(
     again = await sessions.add_human_message(store, session.token, "again")
     assert again is not None  # the backlog counter went back to 0 with the history
     assert await store.add_reply(session.token, *_reply(again), "me") is ReplyOutcome.STORED
+    # The history's index went with it: the first message, sent again, is stored again.
+    resent = await store.queue_message(session.token, "q", rate_limited=False, message_id=human.id)
+    assert isinstance(resent, Queued)
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["again", "a", "q"]
 
 
 async def test_delete_removes_the_session_and_its_index_entry(

@@ -26,7 +26,7 @@ from core.store import (
 )
 from tests.conftest import make_settings
 from tests.support import sessions
-from tests.support.redis_stats import command_calls
+from tests.support.redis_stats import command_calls, monitored
 
 
 async def test_create_stores_a_json_document_with_ttl(
@@ -186,6 +186,85 @@ async def test_no_cap_when_zero(redis_url: str, redis: Redis) -> None:
         await sessions.add_human_message(store, session.token, f"q{n}")
     stored = await sessions.messages(store, session.token)
     assert stored is not None and len(stored) == 30
+
+
+async def _index(redis: Redis, store: SessionStore, token: str) -> dict[str, bool]:
+    index: Any = await redis.json().get(store.keys.session(token), "$.answered")
+    return dict(index[0])
+
+
+async def test_the_capped_history_keeps_its_index_to_the_questions_it_holds(
+    redis_url: str, redis: Redis
+) -> None:
+    store = SessionStore(redis, make_settings(redis_url, max_history_messages=3))
+    session = await store.create("Ann")
+    first = await sessions.add_human_message(store, session.token, "q0")
+    assert first is not None
+    later = [await sessions.add_human_message(store, session.token, f"q{n}") for n in (1, 2, 3)]
+    assert {m.id for m in later if m} == set(await _index(redis, store, session.token))
+    # q0 left the history while waiting; its reply is stored, and is found by a retry.
+    reply = await _answer(store, redis, session.token, first)
+    event = MessageEvent(id=reply.id, reply_to=first.id, msg=reply.msg, timestamp=reply.timestamp)
+    assert await store.add_reply(session.token, reply, event, "me") is ReplyOutcome.ALREADY_ANSWERED
+    assert later[1] is not None and later[2] is not None
+    assert await _index(redis, store, session.token) == {
+        later[1].id: False,
+        later[2].id: False,
+        first.id: True,
+    }
+
+
+async def test_the_duplicate_and_answered_checks_do_not_scan_the_history(
+    store: SessionStore, redis: Redis
+) -> None:
+    """Their cost must not grow with the history (up to MAX_HISTORY_MESSAGES = 1000): each
+    is a lookup in the document's index, not a JSONPath filter over `$.messages`."""
+    session = await store.create("Ann")
+    for n in range(20):
+        human = await sessions.add_human_message(store, session.token, f"q{n}")
+        assert human is not None
+        await _answer(store, redis, session.token, human)
+    async with monitored(redis) as commands:
+        human = await sessions.add_human_message(store, session.token, "last")
+        assert human is not None
+        again = await store.queue_message(
+            session.token, "last", rate_limited=False, message_id=human.id
+        )
+        await _answer(store, redis, session.token, human)
+        reply = Message(source=Source.BOT, msg="again", reply_to=human.id)
+        event = MessageEvent(id=reply.id, reply_to=human.id, msg="again", timestamp=reply.timestamp)
+        repeated = await store.add_reply(session.token, reply, event, "me")
+    assert isinstance(again, Queued) and repeated is ReplyOutcome.ALREADY_ANSWERED
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and len(stored) == 42
+    scans = [c for c in commands if c.startswith("JSON.GET") and "$.messages[?" in c]
+    assert scans == []
+
+
+async def test_a_document_written_before_the_index_gets_it_from_its_history(
+    store: SessionStore, redis: Redis
+) -> None:
+    session = await store.create("Ann")
+    answered = await sessions.add_human_message(store, session.token, "q0")
+    waiting = await sessions.add_human_message(store, session.token, "q1")
+    assert answered is not None and waiting is not None
+    await _answer(store, redis, session.token, answered)
+    key = store.keys.session(session.token)
+    await redis.json().delete(key, "$.answered")
+    await redis.json().delete(key, "$.schema")
+
+    again = await store.queue_message(
+        session.token, "q0", rate_limited=False, message_id=answered.id
+    )
+    assert isinstance(again, Queued)
+    assert await _index(redis, store, session.token) == {answered.id: True, waiting.id: False}
+    reply = Message(source=Source.BOT, msg="again", reply_to=answered.id)
+    event = MessageEvent(id=reply.id, reply_to=answered.id, msg="x", timestamp=reply.timestamp)
+    assert await store.add_reply(session.token, reply, event, "me") is ReplyOutcome.ALREADY_ANSWERED
+    await _answer(store, redis, session.token, waiting)
+    stored = await sessions.messages(store, session.token)
+    assert stored is not None and [m.msg for m in stored] == ["q0", "q1", "re q0", "re q1"]
+    assert await redis.json().get(key, "$.schema") == [2]
 
 
 async def test_session_rate_limit_refuses_without_writing(redis_url: str, redis: Redis) -> None:
