@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
@@ -51,6 +51,10 @@ WORKERS_SEEN_SECONDS = 1.0
 # and the worker does this for every message it answers).
 _MESSAGE_MATCHES: TypeAdapter[list[list[Message]]] = TypeAdapter(list[list[Message]])
 _MESSAGE_SLICE: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
+# begin_turn.lua's window: path -> matches, the messages' and the waiting count's.
+_WINDOW: TypeAdapter[dict[str, list[Message] | list[int]]] = TypeAdapter(
+    dict[str, list[Message] | list[int]]
+)
 
 
 class ReplyOutcome(Enum):
@@ -77,6 +81,9 @@ class Recent:
     # The generation attempts of the message the reader expected to answer, counted as it
     # read (`SessionStore.recent_messages`); None when it counted none.
     attempts: int | None = None
+    # The session's messages waiting for a reply (`$.unanswered`), in `messages` or not: a
+    # window that holds fewer of them misses some.
+    unanswered: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +202,19 @@ class SessionStore:
             await self.redis.expire(self.keys.session(token), self._ttl)
         )
 
-    async def messages_and_stop(self, token: str) -> tuple[list[Message] | None, datetime | None]:
-        """The session's messages and its latest stop time, in one round trip."""
+    async def messages_and_stop(
+        self, token: str, newest: int | None = None
+    ) -> tuple[list[Message] | None, datetime | None]:
+        """The session's messages (only the `newest` ones when given) and its latest stop
+        time, in one round trip."""
+        path = "$.messages" if newest is None else f"$.messages[-{newest}:]"
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.execute_command("JSON.GET", self.keys.session(token), "$.messages")
+            pipe.execute_command("JSON.GET", self.keys.session(token), path)
             pipe.get(self.keys.stop(token))
             raw, stopped = await pipe.execute()
-        return _parse_messages(raw), _stop_time(stopped)
+        if newest is None:
+            return _parse_messages(raw), _stop_time(stopped)
+        return _parse_slice(raw), _stop_time(stopped)
 
     async def reply_to(self, token: str, message_id: str) -> Message | None:
         """The stored answer to `message_id` (a reply or an error entry), if there is one."""
@@ -259,12 +272,13 @@ class SessionStore:
         if attempt is not None:
             self._owed_attempts.pop(attempt, None)
         raw, stopped, attempts = result
-        messages = _parse_slice(raw) or []
+        messages, unanswered = _parse_window(raw, count)
         return Recent(
             messages,
             _stop_time(stopped),
             complete=len(messages) < count,
             attempts=None if attempts is None else int(attempts),
+            unanswered=unanswered,
         )
 
     # --- Messages ----------------------------------------------------------------------------
@@ -547,6 +561,14 @@ def _parse_slice(raw: object) -> list[Message] | None:
     if isinstance(raw, str | bytes):
         return _MESSAGE_SLICE.validate_json(raw)
     return _MESSAGE_SLICE.validate_python(raw)
+
+
+def _parse_window(raw: str | bytes, count: int) -> tuple[list[Message], int]:
+    """begin_turn.lua's window: the newest `count` messages and the waiting count."""
+    window = _WINDOW.validate_json(raw)
+    messages = cast(list[Message], window.get(f"$.messages[-{count}:]", []))
+    unanswered = cast(list[int], window.get("$.unanswered", []))
+    return messages, unanswered[0] if unanswered else 0
 
 
 def _epoch_ms(moment: datetime) -> int:

@@ -10,10 +10,13 @@
 -- nothing), ARGV[3] the counter's TTL (s); with KEYS[4]: ARGV[4] the lease's owner, ARGV[5]
 -- the lease (ms)
 -- Returns nil when the session does not exist (nothing counted, no lease taken); 0 when
--- another owner holds the lease (nothing counted, nothing read); else {the messages (JSON
--- text of the `$.messages[-N:]` matches), the stop time (epoch microseconds) or nil, the count
--- after the increment or nil}.
-local messages = redis.call('JSON.GET', KEYS[1], '$.messages[-' .. ARGV[1] .. ':]')
+-- another owner holds the lease (nothing counted, nothing read); else {the window (JSON text
+-- `{"$.messages[-N:]": [the messages], "$.unanswered": [count]}`), the stop time (epoch
+-- microseconds) or nil, the count after the increment or nil}.
+-- The window and the count of messages waiting for a reply (lib_unanswered.lua) in one
+-- JSON.GET of two paths: its answer is one JSON object, path -> matches, parsed by the
+-- caller, who reads more when the window turns out to miss a waiting message.
+local messages = redis.call('JSON.GET', KEYS[1], '$.messages[-' .. ARGV[1] .. ':]', '$.unanswered')
 if not messages then
   return nil
 end

@@ -337,7 +337,7 @@ async def test_a_long_session_is_answered_reading_only_its_newest_messages(
         old += [human, Message(source=Source.BOT, msg=f"a{n}", reply_to=human.id)]
     await redis.json().set(key, "$.messages", [m.model_dump(mode="json") for m in old])
     read_sizes: list[int] = []
-    for name in ("_parse_messages", "_parse_slice"):
+    for name in ("_parse_messages", "_parse_slice", "_parse_window"):
         parse = getattr(core.store, name, None)
         if parse is not None:
             monkeypatch.setattr(core.store, name, recording(parse, read_sizes))
@@ -349,14 +349,36 @@ async def test_a_long_session_is_answered_reading_only_its_newest_messages(
     assert await redis.json().get(key, "$.messages[-1].msg") == ["echo: the 999th"]
     prompt = [t["content"] for t in model_server.requests[-1]["messages"][1:]]
     assert prompt == [f"q497 {filler}", "a497", f"q498 {filler}", "a498", "the 999th"][-4:]
-    # The whole document is over 500 KB; the worker read a bounded window of it.
-    assert read_sizes and max(read_sizes) < 100_000, read_sizes
+    # The whole document is over 500 KB; the worker read a window of 16 messages (8 of the
+    # 1 KB questions), not the 36 it read before.
+    assert read_sizes and max(read_sizes) < 12_000, read_sizes
+
+
+async def test_a_backlog_longer_than_the_first_window_is_answered_oldest_first(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    """The first read holds the 16 newest messages, the last one's among them; the session
+    has 20 waiting, all but the last stranded by a dead worker, so the worker must read
+    further back before it answers."""
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, max_unanswered_messages=0
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    for n in range(19):
+        await sessions.add_human_message(store, session.token, f"m{n}")
+    await strand_with_dead_worker(redis, store, session.token, lease_ms=1000)
+    await sessions.add_human_message(store, session.token, "m19")
+    async with running_worker(settings):
+        messages = await wait_for_replies(store, session.token, 20, timeout=30)
+    replies = [m.msg for m in messages if not m.is_human]
+    assert replies == [f"echo: m{n}" for n in range(20)]
 
 
 def recording(parse: Any, sizes: list[int]) -> Any:
-    def parse_and_count(raw: object) -> Any:
+    def parse_and_count(raw: object, *args: Any) -> Any:
         sizes.append(len(raw) if isinstance(raw, str | bytes) else len(json.dumps(raw)))
-        return parse(raw)
+        return parse(raw, *args)
 
     return parse_and_count
 
