@@ -144,6 +144,11 @@ async def _answer(store: SessionStore, redis: Redis, token: str, human: Message)
     return reply
 
 
+async def _index(redis: Redis, store: SessionStore, token: str) -> dict[str, bool]:
+    index: Any = await redis.json().get(store.keys.session(token), "$.answered")
+    return dict(index[0])
+
+
 async def test_history_is_capped_dropping_whole_exchanges(redis_url: str, redis: Redis) -> None:
     store = SessionStore(redis, make_settings(redis_url, max_history_messages=4))
     session = await store.create("Ann")
@@ -169,14 +174,24 @@ async def test_history_cap_keeps_unanswered_questions_over_their_old_replies(
     session = await store.create("Ann")
     first = await sessions.add_human_message(store, session.token, "q0")
     assert first is not None
-    for n in (1, 2, 3):
-        await sessions.add_human_message(store, session.token, f"q{n}")
+    later = [await sessions.add_human_message(store, session.token, f"q{n}") for n in (1, 2, 3)]
     stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["q1", "q2", "q3"]
-    # A reply to a question that was dropped meanwhile is still stored within the cap.
-    await _answer(store, redis, session.token, first)
+    # The history's index holds the questions the capped history holds.
+    assert {m.id for m in later if m} == set(await _index(redis, store, session.token))
+    # A reply to a question that was dropped meanwhile is still stored within the cap, and a
+    # retry of it finds it stored.
+    reply = await _answer(store, redis, session.token, first)
     stored = await sessions.messages(store, session.token)
     assert stored is not None and [m.msg for m in stored] == ["q2", "q3", "re q0"]
+    event = MessageEvent(id=reply.id, reply_to=first.id, msg=reply.msg, timestamp=reply.timestamp)
+    assert await store.add_reply(session.token, reply, event, "me") is ReplyOutcome.ALREADY_ANSWERED
+    assert later[1] is not None and later[2] is not None
+    assert await _index(redis, store, session.token) == {
+        later[1].id: False,
+        later[2].id: False,
+        first.id: True,
+    }
 
 
 async def test_no_cap_when_zero(redis_url: str, redis: Redis) -> None:
@@ -186,32 +201,6 @@ async def test_no_cap_when_zero(redis_url: str, redis: Redis) -> None:
         await sessions.add_human_message(store, session.token, f"q{n}")
     stored = await sessions.messages(store, session.token)
     assert stored is not None and len(stored) == 30
-
-
-async def _index(redis: Redis, store: SessionStore, token: str) -> dict[str, bool]:
-    index: Any = await redis.json().get(store.keys.session(token), "$.answered")
-    return dict(index[0])
-
-
-async def test_the_capped_history_keeps_its_index_to_the_questions_it_holds(
-    redis_url: str, redis: Redis
-) -> None:
-    store = SessionStore(redis, make_settings(redis_url, max_history_messages=3))
-    session = await store.create("Ann")
-    first = await sessions.add_human_message(store, session.token, "q0")
-    assert first is not None
-    later = [await sessions.add_human_message(store, session.token, f"q{n}") for n in (1, 2, 3)]
-    assert {m.id for m in later if m} == set(await _index(redis, store, session.token))
-    # q0 left the history while waiting; its reply is stored, and is found by a retry.
-    reply = await _answer(store, redis, session.token, first)
-    event = MessageEvent(id=reply.id, reply_to=first.id, msg=reply.msg, timestamp=reply.timestamp)
-    assert await store.add_reply(session.token, reply, event, "me") is ReplyOutcome.ALREADY_ANSWERED
-    assert later[1] is not None and later[2] is not None
-    assert await _index(redis, store, session.token) == {
-        later[1].id: False,
-        later[2].id: False,
-        first.id: True,
-    }
 
 
 async def test_the_duplicate_and_answered_checks_do_not_scan_the_history(
