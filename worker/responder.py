@@ -257,7 +257,7 @@ class Responder:
             lease.taken = True
         attempts = recent.attempts if recent is not None else None
         try:
-            if recent is not None and _misses(recent, message_id):
+            if recent is not None and self._misses(recent, message_id):
                 recent = await self._read_more(token, message_id, recent)
         except (RedisError, OSError, asyncio.CancelledError):
             if attempts is not None:  # not a dying worker's attempt (see `_answer`)
@@ -282,10 +282,25 @@ class Responder:
             complete=len(messages) < self._wide_window,
             unanswered=recent.unanswered,
         )
-        if not _misses(wider, message_id):
+        if not self._misses(wider, message_id):
             return wider
         messages, stopped_at = await self._store.messages_and_stop(token)
         return None if messages is None else Recent(messages, stopped_at, complete=True)
+
+    def _misses(self, recent: Recent, message_id: str) -> bool:
+        """True when messages older than `recent` may matter: it is not the whole history,
+        and it lacks `message_id`, or some of the session's messages waiting for a reply, or
+        room before the oldest of those for the prompt's history (each message with its
+        reply: twice PROMPT_HISTORY_MESSAGES)."""
+        if recent.complete:
+            return False
+        if not any(m.id == message_id for m in recent.messages):
+            return True
+        waiting = unanswered(recent.messages)
+        if len(waiting) < recent.unanswered:
+            return True
+        oldest = recent.messages.index(waiting[0]) if waiting else len(recent.messages)
+        return oldest < 2 * self._settings.prompt_history_messages
 
     def _turn_from(
         self,
@@ -472,16 +487,6 @@ class Responder:
             logger.warning("session %s: %s", short(turn.token), exc.detail)
             return Failed(ReplyError(code=exc.code, detail=exc.detail))
         raise exc
-
-
-def _misses(recent: Recent, message_id: str) -> bool:
-    """True when messages older than `recent` may matter: it is not the whole history, and
-    it lacks `message_id` or some of the session's messages waiting for a reply."""
-    if recent.complete:
-        return False
-    if not any(m.id == message_id for m in recent.messages):
-        return True
-    return len(unanswered(recent.messages)) < recent.unanswered
 
 
 def _outcome(reply: Message) -> str:

@@ -375,6 +375,29 @@ async def test_a_backlog_longer_than_the_first_window_is_answered_oldest_first(
     assert replies == [f"echo: m{n}" for n in range(20)]
 
 
+async def test_a_backlog_filling_the_first_window_still_gets_the_prompts_history(
+    redis: Redis, redis_url: str, model_server: ModelServer
+) -> None:
+    """14 messages waiting leave 2 older ones in the 16 of the first read: the worker reads
+    wider, so the first answer's prompt still holds the whole PROMPT_HISTORY_MESSAGES (4)."""
+    settings = make_settings(
+        redis_url, openai_base_url=model_server.openai_base_url, max_unanswered_messages=0
+    )
+    store = SessionStore(redis, settings)
+    session = await store.create("Ann")
+    async with running_worker(settings):
+        for n in range(3):
+            await sessions.add_human_message(store, session.token, f"old{n}")
+            await wait_for_replies(store, session.token, n + 1)
+    for n in range(14):
+        await sessions.add_human_message(store, session.token, f"m{n}")
+    async with running_worker(settings):
+        await wait_for_replies(store, session.token, 17, timeout=30)
+    first = next(r for r in model_server.requests if r["messages"][-1]["content"] == "m0")
+    prompt = [t["content"] for t in first["messages"][1:]]
+    assert prompt == ["echo: old1", "old2", "echo: old2", "m0"]
+
+
 def recording(parse: Any, sizes: list[int]) -> Any:
     def parse_and_count(raw: object, *args: Any) -> Any:
         sizes.append(len(raw) if isinstance(raw, str | bytes) else len(json.dumps(raw)))
