@@ -299,7 +299,9 @@ class Responder:
         waiting = unanswered(recent.messages)
         if len(waiting) < recent.unanswered:
             return True
-        oldest = recent.messages.index(waiting[0]) if waiting else len(recent.messages)
+        if not waiting:
+            return False
+        oldest = next(i for i, m in enumerate(recent.messages) if m is waiting[0])
         return oldest < 2 * self._settings.prompt_history_messages
 
     def _turn_from(
