@@ -260,7 +260,8 @@ async def _send_events(socket: _Socket, first: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     try:
         # One deadline for the loop, armed for each send and disarmed while the outbox is
-        # waited on: a context per frame cost about 5% of a busy server's CPU.
+        # waited on: a context per frame cost 5.3 us, a reschedule pair 3.2 (four frames per
+        # chat message).
         async with asyncio.timeout(None) as deadline:
             if first is not None:
                 deadline.reschedule(loop.time() + send_timeout)
