@@ -47,7 +47,7 @@ local fields = read_fields(KEYS[1], {question, '$.schema', '$.unanswered', '$.ti
 if fields == nil then
   return {0}
 end
-if answered_state(fields, ARGV[5], ensure_index(KEYS[1], fields)) ~= nil then
+if question_state(KEYS[1], fields, ARGV[5]) ~= nil then
   return {3}
 end
 local limit = tonumber(ARGV[11])

@@ -21,8 +21,9 @@
 -- reply was generated still gets the reply stored: its sockets are waiting for it.)
 -- With ARGV[9], every outcome but -1 finishes the entry.
 -- Cost of a stored reply that finishes its entry: GET, JSON.GET (the answered check is a
--- lookup in `$.answered`, lib_answered.lua), JSON.ARRAPPEND, JSON.MSET, EXPIRE, SPUBLISH (with ARGV[10] if given), one DEL of the counter and the lease, XACKDEL
--- (XACK + XDEL before Redis 8.2).
+-- lookup in `$.answered`, lib_answered.lua), JSON.ARRAPPEND, JSON.MSET, EXPIRE, SPUBLISH
+-- (with ARGV[10] if given), one DEL of the counter and the lease, XACKDEL (XACK + XDEL before
+-- Redis 8.2).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return -1
 end
@@ -50,7 +51,7 @@ local fields = read_fields(KEYS[1], {question, '$.schema', '$.unanswered'})
 if fields == nil then
   return finish(-2)
 end
-local state = answered_state(fields, ARGV[2], ensure_index(KEYS[1], fields))
+local state = question_state(KEYS[1], fields, ARGV[2])
 if state == true then
   return finish(0)
 end

@@ -19,12 +19,9 @@ local function new_index(key)
   redis.call('JSON.MSET', key, '$.answered', '{}', key, '$.schema', SCHEMA)
 end
 
--- Build the index of a document written before it had one (`fields['$.schema']` is empty),
--- from its history. Returns the index (id -> answered) as a Lua table.
-local function ensure_index(key, fields)
-  if #fields['$.schema'] > 0 then
-    return nil
-  end
+-- Build the index of a document written before it had one, from its history. Returns the
+-- index (id -> answered) as a Lua table.
+local function build_index(key)
   local index = {}
   for _, id in ipairs(cjson.decode(redis.call('JSON.GET', key,
       '$.messages[?(@.source=="human")].id'))) do
@@ -38,11 +35,12 @@ local function ensure_index(key, fields)
   return index
 end
 
--- The question's state from a read of `answered_path(id)` (or the index `ensure_index` just
--- built): nil not in the history, false waiting, true answered.
-local function answered_state(fields, id, built)
-  if built ~= nil then
-    return built[id]
+-- The state of question `id`, from `fields`: a read of `answered_path(id)` and `$.schema`
+-- (the index is built first for a document that has none): nil not in the history, false
+-- waiting, true answered.
+local function question_state(key, fields, id)
+  if #fields['$.schema'] == 0 then
+    return build_index(key)[id]
   end
   return fields[answered_path(id)][1]
 end

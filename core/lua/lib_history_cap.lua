@@ -1,5 +1,5 @@
 -- Prelude (prepended by load_script to the scripts that append to a history; needs
--- lib_answered.lua): keep at most `max` messages in the document's `$.messages`, dropping the
+-- lib_unanswered.lua and lib_answered.lua): keep at most `max` messages in the document's `$.messages`, dropping the
 -- oldest, then any bot replies left at the head whose question was dropped (so whole
 -- exchanges go where possible), and the dropped questions' entries in `$.answered`.
 -- `length`: the array's length when the caller knows it (JSON.ARRAPPEND answers it), else nil.
