@@ -3,13 +3,17 @@
 `python -m bench.batching [--quick] [--rounds R] [--tokens M] [--sessions N]`
 
 Alternates, R times, four measurements with the same N prompts (temperature 0, at most M
-tokens each, the worker's llama.cpp settings), all in this process and this run:
+tokens each, the worker's llama.cpp settings), all in this run:
 
 - backend, 1 session: `LocalBackend.stream_reply` for one prompt, alone;
 - backend, N sessions: N `stream_reply` calls at once (continuous batching, one decode a step);
 - ceiling, 1 and N sequences: the same batched decode written directly against
   llama-cpp-python's low-level API (prefill each prompt, then one `llama_decode` per step for
   every unfinished sequence, greedy sampling), with no queue, thread hand-over or asyncio.
+
+The ceiling runs in a process of its own, as a worker's model does (bench.support.Spawned
+says why): with both contexts in this process, on a 2-CPU machine, 8 sequences decoded about
+130 tokens/s in either of them instead of 220 (docs/benchmarks.md, "Issue 12, sixth pass").
 
 Aggregate tokens/s = tokens produced by all sessions / wall time from the first request to the
 last end (prefill included). The goal is N sessions >= 3x one session; the ceiling shows what
@@ -24,7 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.support import Table, command_line, machine_line, median, quiet_logging, ratio
+from bench.support import (
+    Spawned,
+    Table,
+    command_line,
+    machine_line,
+    median,
+    quiet_logging,
+    ratio,
+)
 from core.config import Settings
 from core.models import Message, Source
 from worker.backends.batching import context_params
@@ -149,6 +161,35 @@ class Ceiling:
         self._model.close()
 
 
+class CeilingProcess:
+    """The Ceiling in a process of its own (bench.support.Spawned), as a worker's model is."""
+
+    def __init__(self, options: Options) -> None:
+        self._spawned = Spawned(_ceiling, options)
+
+    def run(self, sequences: int, max_tokens: int) -> Run:
+        run = self._spawned.call("run", sequences, max_tokens)
+        assert isinstance(run, Run)
+        return run
+
+    def close(self) -> None:
+        self._spawned.close()
+
+
+def _ceiling(options: Options) -> Ceiling:
+    return Ceiling(bench_settings(options), options.sessions)
+
+
+def bench_settings(options: Options) -> Settings:
+    """The worker's settings (and LOCAL_* from the environment) with the bench's sampling."""
+    return Settings(
+        _env_file=None,
+        model_temperature=0,
+        model_max_new_tokens=options.tokens,
+        local_batch_slots=options.sessions,
+    )
+
+
 @dataclass
 class Result:
     backend_one: list[Run]
@@ -158,14 +199,9 @@ class Result:
 
 
 def run(options: Options) -> Result:
-    settings = Settings(
-        _env_file=None,
-        model_temperature=0,
-        model_max_new_tokens=options.tokens,
-        local_batch_slots=options.sessions,
-    )
+    settings = bench_settings(options)
     result = Result([], [], [], [])
-    ceiling = Ceiling(settings, options.sessions)
+    ceiling = CeilingProcess(options)
 
     async def rounds() -> None:
         backend = LocalBackend(settings)
@@ -230,6 +266,10 @@ def table(result: Result, options: Options) -> Table:
                 strict=True,
             )
         )
+    )
+    out.notes.append(
+        "the backend in this process, the ceiling in a process of its own (one llama.cpp "
+        "context decoding per process, as in a worker)"
     )
     out.notes.append(machine_line())
     return out

@@ -5,7 +5,8 @@
 Measures, R rounds, the same generation (same prompt, temperature 0, at most M tokens, the
 worker's own llama.cpp settings) four ways:
 
-- the model alone: llama-cpp-python's `create_chat_completion` in this process;
+- the model alone: llama-cpp-python's `create_chat_completion`, in a process of its own (one
+  llama.cpp context decoding per process, as in a worker: bench.support.Spawned says why);
 - the worker's backend alone: `LocalBackend` (the batch engine the worker runs) in this
   process, called as the worker calls it. This is the reference for the first token: the
   worker's model path, with nothing of the pipeline around it;
@@ -37,6 +38,7 @@ import redis
 from bench.client import ChatSocket, new_sessions
 from bench.support import (
     Bench,
+    Spawned,
     Table,
     command_line,
     machine_line,
@@ -125,9 +127,9 @@ class ModelAlone:
 class BackendAlone:
     """The worker's own local backend, in this process, on this process's event loop."""
 
-    def __init__(self, settings: Settings, model: ModelAlone) -> None:
+    def __init__(self, settings: Settings, count_tokens: Callable[[str], int]) -> None:
         self._backend: ModelBackend = create_backend(settings)
-        self._model = model
+        self._count_tokens = count_tokens
         self._history = [Message(source=Source.HUMAN, msg=PROMPT)]
 
     async def start(self) -> None:
@@ -142,7 +144,7 @@ class BackendAlone:
             if not text:
                 first = last
             text.append(piece)
-        tokens = self._model.count_tokens("".join(text))
+        tokens = self._count_tokens("".join(text))
         return Timing(1000 * (first - start), tokens, _rate(tokens, first, last))
 
     async def close(self) -> None:
@@ -158,7 +160,7 @@ def _publishes(redis_port: int) -> int:
         client.close()
 
 
-async def _through_stack(http: str, model: ModelAlone, redis_port: int) -> Timing:
+async def _through_stack(http: str, count_tokens: Callable[[str], int], redis_port: int) -> Timing:
     (token,) = await new_sessions(http, 1)
     chat = await ChatSocket.open(http.replace("http://", "ws://"), token)
     before = _publishes(redis_port)
@@ -168,7 +170,7 @@ async def _through_stack(http: str, model: ModelAlone, redis_port: int) -> Timin
         await chat.close()
     if reply.error is not None or reply.first_token is None or reply.last_token is None:
         raise RuntimeError(f"the stack did not stream a reply: {reply.error}")
-    tokens = model.count_tokens(reply.text)
+    tokens = count_tokens(reply.text)
     return Timing(
         1000 * (reply.first_token - reply.sent),
         tokens,
@@ -226,18 +228,25 @@ def run(options: Options) -> Result:
             worker = bench.worker(env)
             https.append(bench.server(env)[1])
             bench.wait_workers([worker])
-        model = ModelAlone(settings)
-        backend = BackendAlone(settings, model)
-        runner.run(backend.start())
+        model = Spawned(ModelAlone, settings)
+
+        def count_tokens(text: str) -> int:
+            count = model.call("count_tokens", text)
+            assert isinstance(count, int)
+            return count
 
         async def alone() -> Timing:
-            return model.generate()
+            timing = model.call("generate")
+            assert isinstance(timing, Timing)
+            return timing
 
+        backend = BackendAlone(settings, count_tokens)
+        runner.run(backend.start())
         steps = [
             alone,
             backend.generate,
-            lambda: _through_stack(https[0], model, port),
-            lambda: _through_stack(https[1], model, port),
+            lambda: _through_stack(https[0], count_tokens, port),
+            lambda: _through_stack(https[1], count_tokens, port),
         ]
         try:
             _round(runner, steps, 0)  # warm-up: every path's first reply
@@ -266,8 +275,8 @@ def table(result: Result, options: Options) -> Table:
     model_first = median([t.first_token_ms for t in result.model])
     stack_rate = median([t.tokens_per_s for t in result.stack])
     stack_first = median([t.first_token_ms for t in result.stack])
-    out.add("model alone (in-process)", median([t.tokens for t in result.model]), model_rate,
-            model_first, "", "", "")  # fmt: skip
+    out.add("model alone (a process of its own)", median([t.tokens for t in result.model]),
+            model_rate, model_first, "", "", "")  # fmt: skip
     out.add("worker's backend alone (LocalBackend, in-process)",
             median([t.tokens for t in result.backend]),
             median([t.tokens_per_s for t in result.backend]),

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import multiprocessing
 import os
 import platform
 import resource
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -391,6 +393,65 @@ class Bench:
     def wait_workers(self, workers: Sequence[Child], timeout: float = 120.0) -> None:
         for worker in workers:
             worker.wait_for_log("ready:", timeout)
+
+
+# --- A local model in a process of its own ----------------------------------------------------
+
+
+def _serve_object(
+    conn: Connection, factory: Callable[..., object], args: tuple[object, ...]
+) -> None:
+    """The spawned side of `Spawned`: build the object, answer calls until None, close it."""
+    logging.basicConfig(level=logging.WARNING)
+    target = factory(*args)
+    try:
+        while (request := conn.recv()) is not None:
+            name, call_args = request
+            try:
+                conn.send((True, getattr(target, name)(*call_args)))
+            except Exception as exc:  # the caller re-raises it
+                conn.send((False, exc))
+    finally:
+        close = getattr(target, "close", None)
+        if callable(close):
+            close()
+
+
+class Spawned:
+    """An object built by `factory(*args)` in a spawned process of its own, and called there.
+
+    For the benches' llama.cpp references (the direct decode, the model alone): a worker's
+    process decodes with one llama.cpp context, and a second one decoding from another thread
+    of the same process slows both down. llama.cpp's OpenMP runtime (libgomp) stops spinning
+    at its barriers once a process holds more OpenMP threads than CPUs, and two contexts that
+    each ran a multi-threaded step are that on two CPUs: every barrier of a step then sleeps
+    on a futex (docs/benchmarks.md, "Issue 12, sixth pass").
+    """
+
+    def __init__(self, factory: Callable[..., object], *args: object) -> None:
+        context = multiprocessing.get_context("spawn")  # a new interpreter, no llama state
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_object, args=(child, factory, args), daemon=True
+        )
+        self._process.start()
+        child.close()
+
+    def call(self, name: str, *args: object) -> object:
+        """`name(*args)` on the object; its exception is raised here. EOFError: it died."""
+        self._conn.send((name, args))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the child is gone already
+            self._conn.send(None)
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
 
 
 def redis_benchmark_xadd(port: int, requests: int, clients: int = 50) -> float | None:

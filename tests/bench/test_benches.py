@@ -7,11 +7,12 @@ they assert nothing about speed.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 import pytest
 
-from bench import batching, cluster, idle_sockets, pipeline, scaleout, streaming, users
+from bench import batching, cluster, idle_sockets, pipeline, scaleout, streaming, support, users
 from bench.support import Table, percentile
 
 pytestmark = pytest.mark.slow
@@ -104,3 +105,17 @@ def test_cluster_bench_gives_each_session_its_own_address() -> None:
     assert len(addresses) == 1000
     assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.0.0.0/8") for a in addresses)
     assert cluster.deviations([1.0, 1.0, 2.0]) == pytest.approx([-25.0, -25.0, 50.0])
+
+
+def test_a_spawned_object_answers_from_its_own_process() -> None:
+    """bench.support.Spawned, which keeps the benches' llama.cpp references out of the
+    process that runs the worker's backend: calls are answered, errors raised here."""
+    spawned = support.Spawned(collections.Counter, "abracadabra")
+    try:
+        assert spawned.call("most_common", 1) == [("a", 5)]
+        with pytest.raises(AttributeError):
+            spawned.call("no_such_method")
+        assert spawned.call("total") == 11  # still serving after an error
+    finally:
+        spawned.close()
+    assert not spawned._process.is_alive()
