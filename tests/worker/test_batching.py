@@ -179,7 +179,7 @@ async def test_a_prefill_and_a_step_of_several_use_every_core_unless_told(greedy
     """llama.cpp runs a prompt's prefill and a step of several sequences on its batch threads;
     with them at half the cores (one of two), a first token took twice as long as with
     llama-cpp-python's own defaults: half the cores per one-token step, all of them per batch."""
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     for settings, expected in (
         (greedy, (max(cores // 2, 1), cores)),
         (greedy.model_copy(update={"local_threads": 1, "local_batch_threads": 1}), (1, 1)),
@@ -191,3 +191,19 @@ async def test_a_prefill_and_a_step_of_several_use_every_core_unless_told(greedy
             assert local._engine.threads == expected
         finally:
             await local.aclose()
+
+
+async def test_the_default_threads_count_the_cpus_this_process_may_use(
+    greedy: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinned to one CPU (taskset, a container's cpuset) on a bigger machine, the worker ran
+    a batch on as many threads as the machine has CPUs, which then take turns on the one
+    (docs/benchmarks.md, "Issue 12, sixth pass")."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    local = LocalBackend(greedy)
+    await local.start()
+    try:
+        assert local._engine is not None
+        assert local._engine.threads == (1, 1)
+    finally:
+        await local.aclose()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
-import multiprocessing
+import os
 import random
 import threading
 from collections import deque
@@ -42,13 +42,25 @@ class EngineConfig:
     batch_threads: int | None = None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset),
+    not the machine's count, which llama-cpp-python's defaults use. Threads beyond the mask
+    only take turns on its CPUs, and llama.cpp's OpenMP barriers then sleep instead of spin
+    (see `context_params`): with one CPU allowed of two, 8 sequences decoded 117 tokens/s on
+    two threads and 125 on one (docs/benchmarks.md, "Issue 12, sixth pass")."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call here (not Linux)
+        return os.cpu_count() or 1
+
+
 def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, int]:
     """(threads for a step of one token, threads for a batch of several): llama.cpp uses the
     second for a prompt's prefill and for a step of several sequences. Unset, they are
-    llama-cpp-python's defaults: half the cores, and every core. A prefill is compute-bound,
-    so one thread of two made the first token of a 34-token prompt take about 220 ms instead
-    of 117 (docs/benchmarks.md, goal 3)."""
-    cores = multiprocessing.cpu_count()
+    llama-cpp-python's defaults, counted on the CPUs this process may use: half of them, and
+    all of them. A prefill is compute-bound, so one thread of two made the first token of a
+    34-token prompt take about 220 ms instead of 117 (docs/benchmarks.md, goal 3)."""
+    cores = usable_cpus()
     return threads or max(cores // 2, 1), batch_threads or cores
 
 
@@ -62,6 +74,13 @@ def context_params(
     the cells of all of them, so a step of 8 cost about 8 x 8 times one sequence's attention;
     split, with flash attention, 8 sequences decode 2.9x the tokens/s of one instead of 2.5x
     (Q8_0; docs/benchmarks.md, goal 4).
+
+    Only the engine thread decodes, and a process holds one such context: llama.cpp's OpenMP
+    runtime (libgomp) spins at the barriers between a step's operations only while the
+    process holds no more OpenMP threads than CPUs. Two contexts that each ran a step of
+    several threads, from two threads of one process, are more: on 2 CPUs every barrier then
+    sleeps on a futex, and 8 sequences decoded about 130 tokens/s instead of 220
+    (docs/benchmarks.md, "Issue 12, sixth pass").
     """
     import llama_cpp
 
