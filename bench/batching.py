@@ -9,7 +9,12 @@ tokens each, the worker's llama.cpp settings), all in this run:
 - backend, N sessions: N `stream_reply` calls at once (continuous batching, one decode a step);
 - ceiling, 1 and N sequences: the same batched decode written directly against
   llama-cpp-python's low-level API (prefill each prompt, then one `llama_decode` per step for
-  every unfinished sequence, greedy sampling), with no queue, thread hand-over or asyncio.
+  every unfinished sequence, greedy sampling), with no queue, thread hand-over or asyncio;
+- through the stack, 1 and N sessions: the same prompts as chat messages over real sockets to
+  `python -m server`, Redis and `python -m worker` with MODEL_BACKEND=local, each from a new
+  session, timed from the first send to the last reply's end; tokens counted by tokenizing
+  the replies' text with the model's tokenizer. This is what users get, the worker's event
+  loop (Redis, token events) sharing the CPUs with the decode.
 
 The ceiling runs in a process of its own, as a worker's model does (bench.support.Spawned
 says why): with both contexts in this process, on a 2-CPU machine, 8 sequences decoded about
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from bench.client import ChatSocket, new_sessions
 from bench.support import (
+    Bench,
     Spawned,
     Table,
     command_line,
@@ -36,6 +43,7 @@ from bench.support import (
     median,
     quiet_logging,
     ratio,
+    stack_env,
 )
 from core.config import Settings
 from core.models import Message, Source
@@ -196,32 +204,69 @@ class Result:
     backend_many: list[Run]
     ceiling_one: list[Run]
     ceiling_many: list[Run]
+    stack_one: list[Run] = field(default_factory=list)
+    stack_many: list[Run] = field(default_factory=list)
+
+
+async def _stack_run(http: str, sessions: int, count_tokens: Callable[[str], int]) -> Run:
+    tokens = await new_sessions(http, sessions)
+    ws = http.replace("http://", "ws://")
+    chats = [await ChatSocket.open(ws, token) for token in tokens]
+    try:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(chat.ask(prompt(i)) for i, chat in enumerate(chats)))
+        seconds = time.perf_counter() - start
+    finally:
+        for chat in chats:
+            await chat.close()
+    failed = [reply.error for reply in replies if reply.error is not None]
+    if failed:
+        raise RuntimeError(f"the stack did not answer: {failed[0]}")
+    return Run(sum(count_tokens(reply.text) for reply in replies), seconds)
 
 
 def run(options: Options) -> Result:
     settings = bench_settings(options)
     result = Result([], [], [], [])
-    ceiling = CeilingProcess(options)
-
-    async def rounds() -> None:
-        backend = LocalBackend(settings)
-        await backend.start()
+    with Bench("batching") as bench:
+        env = stack_env(
+            bench.redis.url,
+            bench.new_prefix(),
+            MODEL_BACKEND="local",
+            MODEL_TEMPERATURE="0",
+            MODEL_MAX_NEW_TOKENS=str(options.tokens),
+            LOCAL_BATCH_SLOTS=str(options.sessions),
+        )
+        worker = bench.worker(env)
+        http = bench.server(env)[1]
+        bench.wait_workers([worker])
+        ceiling = CeilingProcess(options)
         try:
-            await _backend_run(backend, 1)  # warm-up
-            ceiling.run(1, 8)
-            for _ in range(options.rounds):
-                result.backend_one.append(await _backend_run(backend, 1))
-                result.backend_many.append(await _backend_run(backend, options.sessions))
-                result.ceiling_one.append(ceiling.run(1, options.tokens))
-                result.ceiling_many.append(ceiling.run(options.sessions, options.tokens))
+            asyncio.run(_rounds(settings, options, ceiling, http, result))
         finally:
-            await backend.aclose()
-
-    try:
-        asyncio.run(rounds())
-    finally:
-        ceiling.close()
+            ceiling.close()
     return result
+
+
+async def _rounds(
+    settings: Settings, options: Options, ceiling: CeilingProcess, http: str, result: Result
+) -> None:
+    backend = LocalBackend(settings)
+    await backend.start()
+    n = options.sessions
+    try:
+        await _backend_run(backend, 1)  # warm-up: every path's first reply
+        ceiling.run(1, 8)
+        await _stack_run(http, 1, backend.count_tokens)
+        for _ in range(options.rounds):
+            result.backend_one.append(await _backend_run(backend, 1))
+            result.backend_many.append(await _backend_run(backend, n))
+            result.ceiling_one.append(ceiling.run(1, options.tokens))
+            result.ceiling_many.append(ceiling.run(n, options.tokens))
+            result.stack_one.append(await _stack_run(http, 1, backend.count_tokens))
+            result.stack_many.append(await _stack_run(http, n, backend.count_tokens))
+    finally:
+        await backend.aclose()
 
 
 def table(result: Result, options: Options) -> Table:
@@ -239,6 +284,10 @@ def table(result: Result, options: Options) -> Table:
          result.ceiling_one, result.ceiling_one),
         (f"ceiling (llama-cpp-python direct), {n} sequences", result.ceiling_many,
          result.ceiling_one, result.ceiling_many),
+        ("through the stack (server, Redis, worker), 1 session", result.stack_one,
+         result.stack_one, result.ceiling_one),
+        (f"through the stack (server, Redis, worker), {n} sessions", result.stack_many,
+         result.stack_one, result.ceiling_many),
     ]  # fmt: skip
     for name, runs, base, ceiling in rows:
         rate = median([r.rate for r in runs])
@@ -254,15 +303,21 @@ def table(result: Result, options: Options) -> Table:
     many = median([r.rate for r in result.backend_many])
     one = median([r.rate for r in result.backend_one])
     out.notes.append(f"goal: {n} sessions >= 3x the aggregate tokens/s of 1 -> {many / one:.2f}x")
+    stack_many = median([r.rate for r in result.stack_many])
+    stack_one = median([r.rate for r in result.stack_one])
+    out.notes.append(f"through the stack: {stack_many / stack_one:.2f}x")
     out.notes.append(
-        "per round (backend 1 / backend N / ceiling 1 / ceiling N tokens/s): "
+        "per round (backend 1 / backend N / ceiling 1 / ceiling N / stack 1 / stack N "
+        "tokens/s): "
         + ", ".join(
-            f"{a.rate:.0f}/{b.rate:.0f}/{c.rate:.0f}/{d.rate:.0f}"
-            for a, b, c, d in zip(
+            "/".join(f"{run.rate:.0f}" for run in runs)
+            for runs in zip(
                 result.backend_one,
                 result.backend_many,
                 result.ceiling_one,
                 result.ceiling_many,
+                result.stack_one,
+                result.stack_many,
                 strict=True,
             )
         )
