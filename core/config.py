@@ -192,14 +192,14 @@ class Settings(BaseSettings):
     local_threads: int | None = Field(
         default=None,
         ge=1,
-        description="CPU threads for a decode step of one sequence (unset: half the cores, "
-        "llama-cpp-python's default)",
+        description="CPU threads for a decode step of one sequence (unset: one per physical "
+        "core this process may use; SMT siblings count once)",
     )
     local_batch_threads: int | None = Field(
         default=None,
         ge=1,
         description="CPU threads for a prompt's prefill and for a decode step of several "
-        "sequences (unset: every core, llama-cpp-python's default)",
+        "sequences (unset: every CPU this process may use)",
     )
     local_cpu_flags: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["avx", "avx2", "fma", "f16c", "bmi2"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -17,7 +18,7 @@ from core.config import Settings
 from core.models import Message, Source
 from tests.conftest import make_settings
 from worker.backends import ModelError
-from worker.backends.batching import Generation
+from worker.backends.batching import Generation, physical_cores
 from worker.backends.local import LocalBackend
 
 pytestmark = pytest.mark.slow
@@ -177,11 +178,11 @@ async def test_closing_ends_replies_in_flight_with_an_error(greedy: Settings) ->
 
 async def test_a_prefill_and_a_step_of_several_use_every_core_unless_told(greedy: Settings) -> None:
     """llama.cpp runs a prompt's prefill and a step of several sequences on its batch threads;
-    with them at half the cores (one of two), a first token took twice as long as with
-    llama-cpp-python's own defaults: half the cores per one-token step, all of them per batch."""
-    cores = len(os.sched_getaffinity(0))
+    with them at half the cores (one of two), a first token took twice as long as with every
+    core. A step of one sequence gets a thread per physical core."""
+    cpus = os.sched_getaffinity(0)
     for settings, expected in (
-        (greedy, (max(cores // 2, 1), cores)),
+        (greedy, (physical_cores(cpus), len(cpus))),
         (greedy.model_copy(update={"local_threads": 1, "local_batch_threads": 1}), (1, 1)),
     ):
         local = LocalBackend(settings)
@@ -207,3 +208,27 @@ async def test_the_default_threads_count_the_cpus_this_process_may_use(
         assert local._engine.threads == (1, 1)
     finally:
         await local.aclose()
+
+
+def _topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    """A fake /sys/devices/system/cpu: cpu -> (package, core)."""
+    for cpu, (package, core) in cores.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_a_one_token_step_gets_a_thread_per_physical_core(tmp_path: Path) -> None:
+    """Without SMT (most small VMs) every CPU is a core: llama-cpp-python's half of them left
+    one of two idle, and one session decoded 54 tokens/s instead of 85 (docs/benchmarks.md,
+    "Issue 12, sixth pass"). With two threads per core it is half, as before."""
+    no_smt = _topology(tmp_path / "a", {0: (0, 0), 1: (0, 1)})
+    assert physical_cores({0, 1}, no_smt) == 2
+    smt = _topology(tmp_path / "b", {0: (0, 0), 1: (0, 0), 2: (0, 1), 3: (0, 1)})
+    assert physical_cores({0, 1, 2, 3}, smt) == 2
+    assert physical_cores({0, 2}, smt) == 2  # one thread of each core allowed
+    two_packages = _topology(tmp_path / "c", {0: (0, 0), 1: (1, 0)})
+    assert physical_cores({0, 1}, two_packages) == 2  # the same core id on two sockets
+    assert physical_cores({0, 1, 2, 3}, tmp_path / "missing") == 2  # Linux does not say: half

@@ -42,26 +42,50 @@ class EngineConfig:
     batch_threads: int | None = None
 
 
-def usable_cpus() -> int:
+#: Where Linux describes each CPU's core (`topology/core_id`, `topology/physical_package_id`).
+SYSFS_CPUS = Path("/sys/devices/system/cpu")
+
+
+def usable_cpus() -> set[int]:
     """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset),
     not the machine's count, which llama-cpp-python's defaults use. Threads beyond the mask
     only take turns on its CPUs, and llama.cpp's OpenMP barriers then sleep instead of spin
     (see `context_params`): with one CPU allowed of two, 8 sequences decoded 117 tokens/s on
     two threads and 125 on one (docs/benchmarks.md, "Issue 12, sixth pass")."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return os.sched_getaffinity(0) or {0}
     except (AttributeError, OSError):  # no affinity call here (not Linux)
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: set[int], sysfs: Path = SYSFS_CPUS) -> int:
+    """How many physical cores `cpus` are on (SMT siblings count once); half of them when
+    Linux does not say, llama-cpp-python's guess that every core runs two threads."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            return max(len(cpus) // 2, 1)
+    return len(cores) or 1
 
 
 def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, int]:
     """(threads for a step of one token, threads for a batch of several): llama.cpp uses the
     second for a prompt's prefill and for a step of several sequences. Unset, they are
-    llama-cpp-python's defaults, counted on the CPUs this process may use: half of them, and
-    all of them. A prefill is compute-bound, so one thread of two made the first token of a
-    34-token prompt take about 220 ms instead of 117 (docs/benchmarks.md, goal 3)."""
-    cores = usable_cpus()
-    return threads or max(cores // 2, 1), batch_threads or cores
+    counted on the CPUs this process may use: one per physical core, and every CPU.
+
+    A one-token step is bound by memory and by the barriers between its operations, so SMT
+    siblings add little to it; llama-cpp-python's "half the cores" assumes two per core, and
+    on a machine without SMT (most small VMs) it left one core of two idle: one session
+    decoded 54 tokens/s where two threads give 85, and the first token waited behind the
+    idle OpenMP thread's spin (docs/benchmarks.md, "Issue 12, sixth pass"). A prefill is
+    compute-bound: one thread of two made the first token of a 34-token prompt take about
+    220 ms instead of 117 (goal 3)."""
+    cpus = usable_cpus()
+    return threads or physical_cores(cpus), batch_threads or len(cpus)
 
 
 def context_params(
