@@ -51,6 +51,7 @@ from bench.support import (
 from core.config import Settings
 from core.models import Message, Source
 from worker.backends import ModelBackend, create_backend
+from worker.backends.batching import thread_counts
 from worker.backends.model_file import model_file
 from worker.prompt import chat_turns
 
@@ -85,11 +86,12 @@ class ModelAlone:
         from llama_cpp import Llama
 
         self._settings = settings
+        threads, batch_threads = thread_counts(settings.local_threads, settings.local_batch_threads)
         self._llm = Llama(
             model_path=str(model_file(settings)),
             n_ctx=settings.local_context_tokens,
-            n_threads=settings.local_threads,
-            n_threads_batch=settings.local_batch_threads,
+            n_threads=threads,  # the worker's counts, not llama-cpp-python's defaults
+            n_threads_batch=batch_threads,
             verbose=False,
         )
         history = [Message(source=Source.HUMAN, msg=PROMPT)]
