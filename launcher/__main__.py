@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from core.config import Settings, get_settings
+from core.cpus import physical_cores, usable_cpus
 from core.logs import configure_logging
 from launcher.redis_cluster import EmbeddedCluster
 from launcher.redis_server import EmbeddedRedis, load_or_create_password
@@ -159,10 +160,29 @@ def _no_password(url: str) -> str:
 
 
 def worker_env(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:
-    """Worker `index` (from 0) gets WORKER_METRICS_PORT + index: one port each."""
-    if not settings.worker_metrics_port:
-        return env
-    return {**env, "WORKER_METRICS_PORT": str(settings.worker_metrics_port + index)}
+    """Worker `index` (from 0) gets WORKER_METRICS_PORT + index (one port each), and its share
+    of the CPUs' threads when several run the local model (`local_thread_share`)."""
+    child = {**env, **local_thread_share(settings)}
+    if settings.worker_metrics_port:
+        child["WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + index)
+    return child
+
+
+def local_thread_share(settings: Settings, cpus: set[int] | None = None) -> dict[str, str]:
+    """LOCAL_THREADS and LOCAL_BATCH_THREADS for each of RUN_WORKERS local-model workers: an
+    equal share of the CPUs (and cores) this launcher may use, at least one thread. A setting
+    given is kept. Each worker left to its default counts every CPU, and on 2 CPUs two
+    workers then got 150 aggregate tokens/s for 8 sessions each and 48 for one each, against
+    238 and 98 on one thread each (docs/benchmarks.md, "Issue 12, sixth pass")."""
+    if settings.model_backend != "local" or settings.run_workers <= 1:
+        return {}
+    cpus = usable_cpus() if cpus is None else cpus
+    share: dict[str, str] = {}
+    if settings.local_threads is None:
+        share["LOCAL_THREADS"] = str(max(1, physical_cores(cpus) // settings.run_workers))
+    if settings.local_batch_threads is None:
+        share["LOCAL_BATCH_THREADS"] = str(max(1, len(cpus) // settings.run_workers))
+    return share
 
 
 def metrics_lines(settings: Settings) -> list[str]:
@@ -199,6 +219,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
 
     env = dict(os.environ)
+    if share := local_thread_share(settings):
+        logger.info(
+            "%d local-model workers share the CPUs: %s each",
+            settings.run_workers,
+            ", ".join(f"{name}={value}" for name, value in share.items()),
+        )
     embedded = start_redis(settings, env)
     children = [Child("server", "server", env)]
     children += [

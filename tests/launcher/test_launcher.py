@@ -14,7 +14,9 @@ import pytest
 import websockets
 
 from bench.support import Child
+from launcher.__main__ import local_thread_share, worker_env
 from launcher.redis_server import free_port, port_in_use
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +67,22 @@ async def test_run_brings_up_everything_and_stops_cleanly(tmp_path: Path) -> Non
     assert "stopped" in output
     assert not port_in_use(redis_port) and not port_in_use(server_port)
     assert (tmp_path / "redis" / "appendonlydir").is_dir()
+
+
+def test_several_local_workers_share_the_cpus_threads() -> None:
+    """Each of two local-model workers left to its default counted every CPU: on 2 CPUs the
+    two got 150 aggregate tokens/s for 8 sessions each, against 238 on one thread each
+    (docs/benchmarks.md, "Issue 12, sixth pass")."""
+    local = make_settings("redis://127.0.0.1:1", model_backend="local", run_workers=2)
+    assert local_thread_share(local, {0, 1}) == {"LOCAL_THREADS": "1", "LOCAL_BATCH_THREADS": "1"}
+    assert local_thread_share(local.model_copy(update={"run_workers": 4}), {0, 1}) == {
+        "LOCAL_THREADS": "1",
+        "LOCAL_BATCH_THREADS": "1",
+    }
+    told = local.model_copy(update={"local_threads": 2})
+    assert local_thread_share(told, {0, 1, 2, 3}) == {"LOCAL_BATCH_THREADS": "2"}
+    assert local_thread_share(local.model_copy(update={"run_workers": 1}), {0, 1}) == {}
+    remote = local.model_copy(update={"model_backend": "openai"})
+    assert local_thread_share(remote, {0, 1}) == {}
+    child = worker_env({"PATH": "/bin"}, local, 1)
+    assert child["PATH"] == "/bin" and "LOCAL_BATCH_THREADS" in child

@@ -15,7 +15,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
-import os
 import random
 import threading
 from collections import deque
@@ -23,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from core.cpus import physical_cores, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -40,36 +41,6 @@ class EngineConfig:
     temperature: float
     max_new_tokens: int
     batch_threads: int | None = None
-
-
-#: Where Linux describes each CPU's core (`topology/core_id`, `topology/physical_package_id`).
-SYSFS_CPUS = Path("/sys/devices/system/cpu")
-
-
-def usable_cpus() -> set[int]:
-    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset),
-    not the machine's count, which llama-cpp-python's defaults use. Threads beyond the mask
-    only take turns on its CPUs, and llama.cpp's OpenMP barriers then sleep instead of spin
-    (see `context_params`): with one CPU allowed of two, 8 sequences decoded 117 tokens/s on
-    two threads and 125 on one (docs/benchmarks.md, "Issue 12, sixth pass")."""
-    try:
-        return os.sched_getaffinity(0) or {0}
-    except (AttributeError, OSError):  # no affinity call here (not Linux)
-        return set(range(os.cpu_count() or 1))
-
-
-def physical_cores(cpus: set[int], sysfs: Path = SYSFS_CPUS) -> int:
-    """How many physical cores `cpus` are on (SMT siblings count once); half of them when
-    Linux does not say, llama-cpp-python's guess that every core runs two threads."""
-    cores = set()
-    for cpu in cpus:
-        topology = sysfs / f"cpu{cpu}" / "topology"
-        try:
-            package = (topology / "physical_package_id").read_text().strip()
-            cores.add((package, (topology / "core_id").read_text().strip()))
-        except OSError:
-            return max(len(cpus) // 2, 1)
-    return len(cores) or 1
 
 
 def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, int]:
