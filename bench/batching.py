@@ -207,6 +207,17 @@ class Result:
     stack_one: list[Run] = field(default_factory=list)
     stack_many: list[Run] = field(default_factory=list)
 
+    def series(self) -> tuple[list[Run], ...]:
+        """Every measurement's runs, in the per-round note's order."""
+        return (
+            self.backend_one,
+            self.backend_many,
+            self.ceiling_one,
+            self.ceiling_many,
+            self.stack_one,
+            self.stack_many,
+        )
+
 
 async def _stack_run(http: str, sessions: int, count_tokens: Callable[[str], int]) -> Run:
     tokens = await new_sessions(http, sessions)
@@ -311,15 +322,7 @@ def table(result: Result, options: Options) -> Table:
         "tokens/s): "
         + ", ".join(
             "/".join(f"{run.rate:.0f}" for run in runs)
-            for runs in zip(
-                result.backend_one,
-                result.backend_many,
-                result.ceiling_one,
-                result.ceiling_many,
-                result.stack_one,
-                result.stack_many,
-                strict=True,
-            )
+            for runs in zip(*result.series(), strict=True)
         )
     )
     out.notes.append(

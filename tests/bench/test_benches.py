@@ -75,14 +75,7 @@ def test_scaleout_bench_smallest() -> None:
 def test_batching_bench_smallest() -> None:
     options = batching.Options(rounds=1, tokens=8, sessions=2)
     result = batching.run(options)
-    for runs in (
-        result.backend_one,
-        result.backend_many,
-        result.ceiling_one,
-        result.ceiling_many,
-        result.stack_one,
-        result.stack_many,
-    ):
+    for runs in result.series():
         assert runs and all(r.tokens > 0 for r in runs)
     assert "LocalBackend, 2 sessions" in batching.table(result, options).render()
 
