@@ -119,9 +119,6 @@ class ModelAlone:
                 tokens += 1
         return Timing(1000 * (first - start), tokens, _rate(tokens, first, last))
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._llm.tokenize(text.encode(), add_bos=False, special=False))
-
     def close(self) -> None:
         self._llm.close()
 
@@ -129,9 +126,8 @@ class ModelAlone:
 class BackendAlone:
     """The worker's own local backend, in this process, on this process's event loop."""
 
-    def __init__(self, settings: Settings, count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._backend: ModelBackend = create_backend(settings)
-        self._count_tokens = count_tokens
         self._history = [Message(source=Source.HUMAN, msg=PROMPT)]
 
     async def start(self) -> None:
@@ -146,8 +142,12 @@ class BackendAlone:
             if not text:
                 first = last
             text.append(piece)
-        tokens = self._count_tokens("".join(text))
+        tokens = self.count_tokens("".join(text))
         return Timing(1000 * (first - start), tokens, _rate(tokens, first, last))
+
+    def count_tokens(self, text: str) -> int:
+        """With the model's own tokenizer (the same file the model alone loads)."""
+        return self._backend.count_tokens(text)
 
     async def close(self) -> None:
         await self._backend.aclose()
@@ -232,23 +232,18 @@ def run(options: Options) -> Result:
             bench.wait_workers([worker])
         model = Spawned(ModelAlone, settings)
 
-        def count_tokens(text: str) -> int:
-            count = model.call("count_tokens", text)
-            assert isinstance(count, int)
-            return count
-
         async def alone() -> Timing:
             timing = model.call("generate")
             assert isinstance(timing, Timing)
             return timing
 
-        backend = BackendAlone(settings, count_tokens)
+        backend = BackendAlone(settings)
         runner.run(backend.start())
         steps = [
             alone,
             backend.generate,
-            lambda: _through_stack(https[0], count_tokens, port),
-            lambda: _through_stack(https[1], count_tokens, port),
+            lambda: _through_stack(https[0], backend.count_tokens, port),
+            lambda: _through_stack(https[1], backend.count_tokens, port),
         ]
         try:
             _round(runner, steps, 0)  # warm-up: every path's first reply
