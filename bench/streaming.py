@@ -23,6 +23,13 @@ backend) or from sending the message (client). A `token` event or a backend piec
 several model tokens, so tokens are counted by tokenizing the text with the model's tokenizer.
 SPUBLISH calls per reply come from Redis's INFO commandstats. Medians over the rounds; the
 first token added by the pipeline is the median of each round's (stack - backend alone).
+
+The first token's own share of the pipeline is also measured per reply, paired: the client's
+first token minus the worker's `chat_first_token_seconds` for that same reply (scraped from its
+WORKER_METRICS_PORT before and after), which runs from the start of the worker's generation to
+its first piece. What is left is the pipeline alone: the message's way to the worker, its read,
+lease and history, and the first piece's way back. Unlike (stack - backend alone), it does not
+carry the prefill's own variance from one run to the next (a few ms on two shared cores).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.client import ChatSocket, new_sessions
 from bench.support import (
@@ -41,6 +50,7 @@ from bench.support import (
     Spawned,
     Table,
     command_line,
+    free_port,
     machine_line,
     median,
     quiet_logging,
@@ -75,6 +85,13 @@ class Timing:
     ack_ms: float = float("nan")  # through the stack: the message stored, queued, announced
     events: int = 0  # through the stack: `token` events received
     publishes: int = 0  # through the stack: PUBLISH calls Redis ran meanwhile (all sessions)
+    # Through the stack: the worker's own first token for this reply (chat_first_token_seconds).
+    worker_first_ms: float = float("nan")
+
+    @property
+    def pipeline_first_ms(self) -> float:
+        """The client's first token less the worker's: the pipeline's own share of it."""
+        return self.first_token_ms - self.worker_first_ms
 
 
 def _rate(tokens: int, first: float, last: float) -> float:
@@ -162,14 +179,37 @@ def _publishes(redis_port: int) -> int:
         client.close()
 
 
-async def _through_stack(http: str, count_tokens: Callable[[str], int], redis_port: int) -> Timing:
-    (token,) = await new_sessions(http, 1)
-    chat = await ChatSocket.open(http.replace("http://", "ws://"), token)
-    before = _publishes(redis_port)
-    try:
-        reply = await chat.ask(PROMPT)
-    finally:
-        await chat.close()
+async def _first_token_seconds(metrics: httpx.AsyncClient) -> float:
+    """The sum of the worker's `chat_first_token_seconds` histogram (all its replies so far)."""
+    response = await metrics.get("/metrics")
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "chat_first_token_seconds_sum":
+                return sample.value
+    raise RuntimeError("the worker's /metrics has no chat_first_token_seconds_sum")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One server and its worker, with the worker's /metrics."""
+
+    http: str
+    metrics: str
+    redis_port: int
+
+
+async def _through_stack(stack: Stack, count_tokens: Callable[[str], int]) -> Timing:
+    (token,) = await new_sessions(stack.http, 1)
+    chat = await ChatSocket.open(stack.http.replace("http://", "ws://"), token)
+    before = _publishes(stack.redis_port)
+    async with httpx.AsyncClient(base_url=stack.metrics) as metrics:
+        worker_before = await _first_token_seconds(metrics)
+        try:
+            reply = await chat.ask(PROMPT)
+        finally:
+            await chat.close()
+        worker_first = await _first_token_seconds(metrics) - worker_before
     if reply.error is not None or reply.first_token is None or reply.last_token is None:
         raise RuntimeError(f"the stack did not stream a reply: {reply.error}")
     tokens = count_tokens(reply.text)
@@ -179,7 +219,8 @@ async def _through_stack(http: str, count_tokens: Callable[[str], int], redis_po
         _rate(tokens, reply.first_token, reply.last_token),
         1000 * (reply.acked - reply.sent) if reply.acked is not None else float("nan"),
         events=reply.tokens,
-        publishes=_publishes(redis_port) - before,
+        publishes=_publishes(stack.redis_port) - before,
+        worker_first_ms=1000 * worker_first,
     )
 
 
@@ -199,6 +240,17 @@ class Result:
             ]
         )
 
+    @staticmethod
+    def pipeline_first_token_ms(through: Sequence[Timing]) -> float:
+        """The median over rounds of the pipeline's own share of each reply's first token."""
+        return median([t.pipeline_first_ms for t in through])
+
+
+#: The pause before each step. A step that starts right after another one's last token is
+#: slowed by it: the process that just decoded still has llama.cpp's OpenMP threads spinning
+#: at their barrier for a while, on the same two cores.
+SETTLE_SECONDS = 0.3
+
 
 def _round(
     runner: asyncio.Runner, steps: Sequence[Callable[[], Coroutine[Any, Any, Timing]]], turn: int
@@ -207,6 +259,7 @@ def _round(
     timings: dict[int, Timing] = {}
     for k in range(len(steps)):
         i = (turn + k) % len(steps)
+        time.sleep(SETTLE_SECONDS)
         timings[i] = runner.run(steps[i]())
     return [timings[i] for i in range(len(steps))]
 
@@ -221,15 +274,16 @@ def run(options: Options) -> Result:
     )
     result = Result([], [])
     with Bench("streaming") as bench, asyncio.Runner() as runner:
-        port = bench.redis.port
-        https = []
+        stacks = []
         for flush in ({}, {"TOKEN_FLUSH_MS": "0"}):
+            metrics_port = free_port()
             env = stack_env(
                 bench.redis.url, bench.new_prefix(), MODEL_BACKEND="local", **overrides, **flush
             )
-            worker = bench.worker(env)
-            https.append(bench.server(env)[1])
+            worker = bench.worker({**env, "WORKER_METRICS_PORT": str(metrics_port)})
+            http = bench.server(env)[1]
             bench.wait_workers([worker])
+            stacks.append(Stack(http, f"http://127.0.0.1:{metrics_port}", bench.redis.port))
         model = Spawned(ModelAlone, settings)
 
         async def alone() -> Timing:
@@ -242,8 +296,8 @@ def run(options: Options) -> Result:
         steps = [
             alone,
             backend.generate,
-            lambda: _through_stack(https[0], backend.count_tokens, port),
-            lambda: _through_stack(https[1], backend.count_tokens, port),
+            lambda: _through_stack(stacks[0], backend.count_tokens),
+            lambda: _through_stack(stacks[1], backend.count_tokens),
         ]
         try:
             _round(runner, steps, 0)  # warm-up: every path's first reply
@@ -293,6 +347,17 @@ def table(result: Result, options: Options) -> Table:
         f"< 5 ms added to the first token -> {added:.1f} ms (coalesced), "
         f"{result.added_first_token_ms(result.uncoalesced):.1f} ms (TOKEN_FLUSH_MS=0): "
         "median of each round's stack - backend alone"
+    )
+    out.notes.append(
+        "the pipeline's own share of the first token, paired per reply (the client's first "
+        "token - the worker's chat_first_token_seconds for it): "
+        f"{result.pipeline_first_token_ms(result.stack):.1f} ms (coalesced), "
+        f"{result.pipeline_first_token_ms(result.uncoalesced):.1f} ms (TOKEN_FLUSH_MS=0); "
+        "per round: "
+        + ", ".join(
+            f"{s.pipeline_first_ms:.1f}/{u.pipeline_first_ms:.1f}"
+            for s, u in zip(result.stack, result.uncoalesced, strict=True)
+        )
     )
     out.notes.append(
         f"first token of the stack - the model alone (llama-cpp-python's own prompt path): "

@@ -62,6 +62,8 @@ def test_streaming_bench_smallest() -> None:
     assert result.model[0].tokens > 0 and result.stack[0].tokens > 0
     assert result.backend[0].tokens > 0 and result.backend[0].first_token_ms > 0
     assert result.uncoalesced[0].publishes >= result.stack[0].publishes
+    for through in result.stack + result.uncoalesced:  # this reply's own, from the worker
+        assert 0 < through.worker_first_ms < through.first_token_ms
     assert "model alone" in streaming.table(result, options).render()
 
 
