@@ -7,8 +7,12 @@ one sequence in another), and a stop must give its slot back before the next ste
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import pytest
@@ -18,8 +22,9 @@ from core.cpus import physical_cores
 from core.models import Message, Source
 from tests.conftest import make_settings
 from worker.backends import ModelError
-from worker.backends.batching import Generation
+from worker.backends.batching import END, BatchEngine, EngineConfig, Generation
 from worker.backends.local import LocalBackend
+from worker.backends.model_file import model_file
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +213,103 @@ async def test_the_default_threads_count_the_cpus_this_process_may_use(
         assert local._engine.threads == (1, 1)
     finally:
         await local.aclose()
+
+
+# --- The first piece: the next step waits for it to be sent ------------------------------------
+
+
+@contextmanager
+def engine_with(settings: Settings, first_piece_wait: float) -> Iterator[BatchEngine]:
+    engine = BatchEngine(
+        EngineConfig(
+            model_path=model_file(settings),
+            slots=2,
+            context_per_slot=512,
+            threads=None,
+            temperature=0.0,
+            max_new_tokens=6,
+            first_piece_wait=first_piece_wait,
+        )
+    )
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+class Pieces:
+    """What the engine delivers to one generation, each with the time it came."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, object]] = []
+        self.first = threading.Event()
+        self.ended = threading.Event()
+
+    def deliver(self, item: object) -> None:
+        self.items.append((time.monotonic(), item))
+        self.first.set()
+        if item is END or isinstance(item, BaseException):
+            self.ended.set()
+
+    def times(self) -> list[float]:
+        return [at for at, item in self.items if isinstance(item, str)]
+
+
+def start(engine: BatchEngine, text: str) -> tuple[Generation, Pieces]:
+    pieces = Pieces()
+    prompt = engine.tokenize_chat([{"role": "user", "content": text}])
+    generation = Generation(prompt=prompt, deliver=pieces.deliver)
+    engine.submit(generation)
+    assert pieces.first.wait(60)
+    return generation, pieces
+
+
+def test_the_next_step_waits_until_the_first_piece_is_sent(greedy: Settings) -> None:
+    """The first token's way to the user is not raced by the next step's threads on every
+    core: no second piece is decoded before the first one is marked sent."""
+    with engine_with(greedy, first_piece_wait=10.0) as engine:
+        generation, pieces = start(engine, "Tell a story about a cat.")
+        time.sleep(0.3)  # some 25 steps' time
+        assert len(pieces.times()) == 1
+        sent = time.monotonic()
+        generation.first_sent.set()
+        assert pieces.ended.wait(30)
+        assert len(pieces.times()) > 1 and pieces.times()[1] >= sent
+
+
+def test_a_first_piece_nobody_sends_holds_the_steps_only_briefly(greedy: Settings) -> None:
+    """Bounded: a loop too busy to send it costs the batch `first_piece_wait`, once."""
+    with engine_with(greedy, first_piece_wait=0.2) as engine:
+        _generation, pieces = start(engine, "Tell a story about a cat.")
+        assert pieces.ended.wait(30)
+        times = pieces.times()
+        assert len(times) == 6
+        assert 0.18 <= times[1] - times[0] < 2.0
+        assert all(later - earlier < 0.15 for earlier, later in itertools.pairwise(times[1:]))
+
+
+def test_a_cancelled_reply_holds_no_step(greedy: Settings) -> None:
+    """A reply stopped before its first piece was sent does not keep the others waiting."""
+    with engine_with(greedy, first_piece_wait=10.0) as engine:
+        stopped, _ = start(engine, "Tell a story about a cat.")
+        engine.cancel(stopped)
+        other, pieces = start(engine, "Tell a story about a dog.")
+        other.first_sent.set()
+        assert pieces.ended.wait(30)
+        assert len(pieces.times()) == 6
+
+
+async def test_the_backend_marks_a_piece_sent_when_the_next_is_asked_for(
+    backend: LocalBackend,
+) -> None:
+    stream = cast(AsyncGenerator[str, None], backend.stream_reply(ask("Tell a story.")))
+    try:
+        assert await anext(stream)
+        assert backend._engine is not None
+        (generation,) = backend._engine._active
+        assert not generation.first_sent.is_set()  # handed to us, not sent on yet
+        await anext(stream)
+        assert generation.first_sent.is_set()
+    finally:
+        await stream.aclose()

@@ -7,7 +7,8 @@ read once per step, not once per user). Requests join between steps; one that en
 cancelled, drops its KV cells (`llama_memory_seq_rm`) and frees its slot before the next step.
 
 The thread talks to the event loop only through callbacks scheduled with
-`call_soon_threadsafe`: text pieces, then an end marker or an exception.
+`call_soon_threadsafe`: text pieces, then an end marker or an exception. The one thing the loop
+tells the thread back is that a reply's first piece has been sent (`Generation.first_sent`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 END = object()
 Deliver = Callable[[object], None]
 
+#: The longest the decode loop holds its next step for a reply's first piece to be sent.
+FIRST_PIECE_WAIT = 0.005
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -41,6 +46,7 @@ class EngineConfig:
     temperature: float
     max_new_tokens: int
     batch_threads: int | None = None
+    first_piece_wait: float = FIRST_PIECE_WAIT
 
 
 def thread_counts(threads: int | None, batch_threads: int | None) -> tuple[int, int]:
@@ -97,6 +103,9 @@ class Generation:
     prompt: list[int]
     deliver: Deliver
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by the receiving side once the first piece has gone on its way (or nobody waits).
+    first_sent: threading.Event = field(default_factory=threading.Event)
+    pieces: int = 0
     seq: int = -1
     pos: int = 0
     produced: int = 0
@@ -115,6 +124,7 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._waiting: deque[Generation] = deque()
         self._active: list[Generation] = []
+        self._first_pieces: list[Generation] = []  # delivered, maybe not sent yet
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: Any = None
@@ -199,6 +209,7 @@ class BatchEngine:
 
     def cancel(self, generation: Generation) -> None:
         generation.cancelled.set()
+        generation.first_sent.set()  # nothing will be sent: do not hold a step for it
         with self._lock:
             self._lock.notify_all()
 
@@ -277,6 +288,7 @@ class BatchEngine:
 
     def _step(self) -> None:
         """One decode for every active sequence's pending token, then one sample each."""
+        self._wait_for_first_pieces()
         running = []
         for generation in self._active:
             if generation.seq < 0:
@@ -300,6 +312,23 @@ class BatchEngine:
         for index, generation in enumerate(running):
             self._sample(generation, index)
 
+    def _wait_for_first_pieces(self) -> None:
+        """Hold the next step until the replies whose first piece was just delivered have sent
+        it, for at most `first_piece_wait` in all.
+
+        A step's threads take every core the moment it starts (a thread per core, spinning at
+        the barriers between its operations), and the first piece still has its way to go: the
+        worker's event loop, then Redis, then the server, each woken on a core the step holds,
+        and each waiting for the scheduler to preempt a decode thread. That wait added 3 to
+        10 ms to the first token on two cores; the user waits for that token, not for the
+        second one, which a step of ~12 ms later brings anyway (docs/benchmarks.md, "Issue
+        12, seventh pass"). Bounded, so a busy loop costs the batch a few ms once per reply.
+        """
+        waiting, self._first_pieces = self._first_pieces, []
+        deadline = time.monotonic() + self.config.first_piece_wait
+        for generation in waiting:
+            generation.first_sent.wait(max(0.0, deadline - time.monotonic()))
+
     def _add(self, token: int, pos: int, seq: int, logits: bool) -> None:
         batch = self._batch.batch
         j = batch.n_tokens
@@ -321,6 +350,9 @@ class BatchEngine:
         piece = generation.decoder.decode(self._piece(token))
         if piece:
             generation.deliver(piece)
+            if not generation.pieces:
+                self._first_pieces.append(generation)
+            generation.pieces += 1
         generation.produced += 1
         generation.next_token = token
         full = generation.pos + 1 >= self.config.context_per_slot

@@ -156,6 +156,9 @@ class LocalBackend(ModelBackend):
                     raise ModelError(f"The local model failed: {item}") from item
                 assert isinstance(item, str)
                 yield item
+                # The caller asks for more: this piece is on its way (the engine holds its next
+                # step for the first one; batching.BatchEngine._wait_for_first_pieces).
+                generation.first_sent.set()
         finally:
             engine.cancel(generation)  # a stop or timeout frees the slot before the next step
             await asyncio.shield(ended.wait())
